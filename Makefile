@@ -1,0 +1,62 @@
+# ferroloop: every command a developer or CI needs. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
+# Extra interpreters the conformance suite also runs on (asyncio changed there).
+EXTRA_PYTHONS ?= 3.12 3.13
+
+.PHONY: help install build-dev lint fmt test test-rust test-parity test-conformance \
+        test-conformance-extra bench demo clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-24s %s\n", $$1, $$2}'
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q "maturin>=1.5,<2" pytest ruff httpx
+
+install: $(VPY)  ## create .venv with maturin, pytest, ruff, httpx
+
+build-dev: install  ## build the native module into .venv (release profile)
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release -q
+
+lint: install  ## cargo fmt --check, cargo clippy, ruff
+	cargo fmt --check
+	cargo clippy --all-targets -q -- -D warnings
+	$(VENV)/bin/ruff check python tests benchmarks examples
+	$(VENV)/bin/ruff format --check python tests benchmarks examples
+
+fmt: install  ## format Rust and Python sources
+	cargo fmt
+	$(VENV)/bin/ruff format python tests benchmarks examples
+
+test-rust:  ## Rust unit tests
+	cargo test -q --lib
+
+test-parity: build-dev  ## behaviour tests, each on asyncio and on ferroloop
+	$(VPY) -m pytest -q -p no:cacheprovider tests --ignore=tests/conformance
+
+test-conformance: build-dev  ## CPython's test_asyncio against ferroloop (main Python)
+	$(VPY) tests/conformance/run.py
+
+test-conformance-extra:  ## the conformance suite on the other CPython versions
+	@for v in $(EXTRA_PYTHONS); do \
+	  py=$$(ls -d $(PYENV_ROOT)/versions/$$v.*/bin/python3 2>/dev/null | sort -V | tail -1); \
+	  if [ -z "$$py" ]; then echo "conformance: no Python $$v here, skipped"; continue; fi; \
+	  $(MAKE) --no-print-directory PYTHON=$$py VENV=.venv-$$v test-conformance || exit 1; \
+	done
+
+test: test-rust test-parity test-conformance test-conformance-extra  ## build, then run every test
+
+bench: build-dev  ## side-by-side benchmarks: asyncio, uvloop, rloop, ferroloop
+	$(VPY) -m pip install -q uvloop rloop psutil
+	$(VPY) benchmarks/run.py
+
+demo: build-dev  ## build, then run the task-control walkthrough
+	$(VPY) examples/task_control.py
+
+clean:  ## remove build outputs and virtualenvs
+	rm -rf target $(VENV) .venv-* python/ferroloop/*.so

@@ -1,0 +1,62 @@
+"""ferroloop: an asyncio event loop for CPython with its core in Rust.
+
+Use it like uvloop::
+
+    import ferroloop
+    ferroloop.run(main())                      # like asyncio.run, on a ferroloop loop
+    ferroloop.install()                        # make asyncio create ferroloop loops
+    asyncio.Runner(loop_factory=ferroloop.new_event_loop)
+
+Importing ferroloop changes nothing in asyncio until you ask.
+"""
+
+import asyncio as __asyncio
+from asyncio import events as __events
+
+from ._ferroloop import Handle, TimerHandle, __version__
+from .loop import Loop
+
+__all__ = (
+    "Loop",
+    "Handle",
+    "TimerHandle",
+    "EventLoopPolicy",
+    "new_event_loop",
+    "install",
+    "run",
+    "__version__",
+)
+
+
+def new_event_loop() -> Loop:
+    """Return a new ferroloop event loop."""
+    return Loop()
+
+
+class EventLoopPolicy(__events.BaseDefaultEventLoopPolicy):
+    """An asyncio event loop policy whose loops are ferroloop loops.
+
+    ``get_event_loop``/``set_event_loop`` behave exactly as with asyncio's default policy.
+    """
+
+    def _loop_factory(self) -> Loop:
+        return new_event_loop()
+
+    def __repr__(self):
+        return f"<{type(self).__name__}>"
+
+
+def install() -> None:
+    """Make asyncio use ferroloop loops (sets the global event loop policy)."""
+    __asyncio.set_event_loop_policy(EventLoopPolicy())
+
+
+def run(main, *, debug=None):
+    """Run a coroutine on a new ferroloop loop, with ``asyncio.run``'s semantics.
+
+    Cancels the tasks left over, shuts down async generators and the default
+    executor, then closes the loop.
+    """
+    from ._runner import run as _run
+
+    return _run(main, debug=debug)

@@ -1,0 +1,35 @@
+"""Every switch on the running Python's version lives here, and only here.
+
+ferroloop borrows asyncio's own cold-path methods from ``BaseEventLoop`` so that each
+Python version gets exactly its own asyncio semantics; what differs between versions is
+decided below.
+"""
+
+import inspect
+import sys
+from asyncio import base_events, format_helpers
+
+PY312 = sys.version_info >= (3, 12)
+PY313 = sys.version_info >= (3, 13)
+
+# 3.13 split run_forever into _run_forever_setup/_run_forever_cleanup (and
+# BaseEventLoop.__init__ gained _old_agen_hooks); older versions inline them.
+HAS_RUN_FOREVER_SETUP = hasattr(base_events.BaseEventLoop, "_run_forever_setup")
+
+# 3.13 gave format_helpers._format_callback_source a ``debug`` keyword (and Handle passes
+# the loop's debug flag); a feature test, since patch releases differ.
+FORMAT_CALLBACK_TAKES_DEBUG = "debug" in inspect.signature(
+    format_helpers._format_callback_source
+).parameters
+
+# asyncio.Runner (3.11+) carries asyncio.run's contract; older versions inline it.
+HAS_RUNNER = sys.version_info >= (3, 11)
+
+
+def format_callback_source(callback, args, loop):
+    """format_helpers._format_callback_source as the running Python calls it."""
+    if FORMAT_CALLBACK_TAKES_DEBUG:
+        return format_helpers._format_callback_source(
+            callback, args, debug=loop is not None and loop.get_debug()
+        )
+    return format_helpers._format_callback_source(callback, args)

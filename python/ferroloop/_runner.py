@@ -1,0 +1,39 @@
+"""ferroloop.run: asyncio.run's semantics on a ferroloop loop."""
+
+import asyncio
+
+from . import _compat
+from . import loop as _loop
+
+if _compat.HAS_RUNNER:
+
+    def run(main, *, debug=None):
+        # asyncio.Runner owns the whole contract: leftover tasks cancelled, async
+        # generators and the default executor shut down, SIGINT turned into cancellation.
+        with asyncio.Runner(debug=debug, loop_factory=_loop.Loop) as runner:
+            return runner.run(main)
+
+else:  # 3.9 and 3.10 have no Runner: the same steps as their asyncio.run.
+    from asyncio import coroutines, events
+    from asyncio.runners import _cancel_all_tasks
+
+    def run(main, *, debug=None):
+        if events._get_running_loop() is not None:
+            raise RuntimeError("asyncio.run() cannot be called from a running event loop")
+        if not coroutines.iscoroutine(main):
+            raise ValueError(f"a coroutine was expected, got {main!r}")
+        loop = _loop.Loop()
+        try:
+            events.set_event_loop(loop)
+            if debug is not None:
+                loop.set_debug(debug)
+            return loop.run_until_complete(main)
+        finally:
+            try:
+                _cancel_all_tasks(loop)
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                if hasattr(loop, "shutdown_default_executor"):
+                    loop.run_until_complete(loop.shutdown_default_executor())
+            finally:
+                events.set_event_loop(None)
+                loop.close()

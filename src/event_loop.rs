@@ -1,0 +1,657 @@
+//! The native core of the event loop (asyncio's `base_events.BaseEventLoop` hot paths):
+//! ready queue, timers, one loop turn, run/stop/close, call_soon/later/at, readers/writers.
+
+use std::collections::VecDeque;
+
+use pyo3::exceptions::PyTypeError;
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::pyclass::{PyTraverseError, PyVisit};
+use pyo3::types::PyTuple;
+
+use crate::errors::{loop_closed, os_error};
+use crate::handles::{run_handle, Handle, RunOutcome};
+use crate::py;
+use crate::reactor::{EventBuf, Reactor, Ready};
+use crate::timers::{monotonic, monotonic_resolution, TimerHeap};
+
+/// asyncio's MAXIMUM_SELECT_TIMEOUT: never sleep longer than a day in one poll.
+const MAXIMUM_SELECT_TIMEOUT: f64 = 24.0 * 3600.0;
+/// asyncio purges cancelled timers when there are more than this many scheduled...
+const MIN_SCHEDULED_TIMER_HANDLES: usize = 100;
+/// ...and more than this fraction of them is cancelled.
+const MIN_CANCELLED_TIMER_HANDLES_FRACTION: f64 = 0.5;
+
+/// The native base of `ferroloop.Loop`.
+///
+/// Borrow discipline: a `borrow_mut` of the loop is never held across anything that can
+/// run Python code (a call, an allocation that may trigger GC, a decref that may run a
+/// finalizer), because that code may re-enter the loop (`call_soon` from `__del__`, or
+/// `call_soon_threadsafe` from another thread that took the GIL).
+#[pyclass(subclass, module = "ferroloop._ferroloop")]
+pub struct EventLoop {
+    ready: VecDeque<Py<Handle>>,
+    timers: TimerHeap<Py<Handle>>,
+    timer_cancelled_count: usize,
+    stopping: bool,
+    closed: bool,
+    thread_id: Option<Py<PyAny>>,
+    debug: bool,
+    slow_callback_duration: f64,
+    clock_resolution: f64,
+    reactor: Reactor<Py<Handle>>,
+    /// True while the loop thread waits in epoll without the GIL: wake it on a threadsafe call.
+    sleeping: bool,
+    events: Vec<Ready>,
+    buf: Option<EventBuf>,
+}
+
+impl EventLoop {
+    pub fn timer_handle_cancelled(&mut self) {
+        self.timer_cancelled_count += 1;
+    }
+
+    /// asyncio's purge: rebuild the heap when most timers are cancelled, otherwise pop the
+    /// cancelled ones at its head. Returns the removed handles, to be dropped unborrowed.
+    fn purge_cancelled_timers(&mut self, py: Python<'_>) -> Vec<Py<Handle>> {
+        let mut removed = Vec::new();
+        let n = self.timers.len();
+        if n > MIN_SCHEDULED_TIMER_HANDLES
+            && self.timer_cancelled_count as f64 / n as f64 > MIN_CANCELLED_TIMER_HANDLES_FRACTION
+        {
+            // BinaryHeap::retain keeps each entry's (when, seq), so tie order survives.
+            self.timers.retain(|h| {
+                if h.borrow(py).cancelled {
+                    removed.push(h.clone_ref(py));
+                    false
+                } else {
+                    true
+                }
+            });
+            for h in &removed {
+                h.borrow_mut(py).scheduled = false;
+            }
+            self.timer_cancelled_count = 0;
+        } else {
+            while let Some((_, h)) = self.timers.peek() {
+                if !h.borrow(py).cancelled {
+                    break;
+                }
+                if let Some((_, h)) = self.timers.pop() {
+                    self.timer_cancelled_count = self.timer_cancelled_count.saturating_sub(1);
+                    h.borrow_mut(py).scheduled = false;
+                    removed.push(h);
+                }
+            }
+        }
+        removed
+    }
+
+    fn check_closed(&self) -> PyResult<()> {
+        if self.closed {
+            Err(loop_closed())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Checks asyncio makes on every callback it is handed (debug mode adds more, in Python).
+fn check_callable(
+    slf: &Bound<'_, EventLoop>,
+    callback: &Bound<'_, PyAny>,
+    method: &str,
+) -> PyResult<()> {
+    if !callback.is_callable() {
+        // asyncio's own check gives the exact message (coroutine or non-callable).
+        slf.call_method1(intern!(slf.py(), "_check_callback"), (callback, method))?;
+        return Err(PyTypeError::new_err(format!(
+            "a callable object was expected by {method}(), got {}",
+            callback.repr()?
+        )));
+    }
+    Ok(())
+}
+
+fn new_handle<'py>(
+    slf: &Bound<'py, EventLoop>,
+    callback: Bound<'py, PyAny>,
+    args: Bound<'py, PyTuple>,
+    context: Option<Bound<'py, PyAny>>,
+    when: Option<f64>,
+    debug: bool,
+) -> PyResult<Bound<'py, Handle>> {
+    let py = slf.py();
+    let h = Handle::new(
+        py,
+        callback.unbind(),
+        args.unbind(),
+        Some(slf.clone().into_any().unbind()),
+        context.map(Bound::unbind),
+        debug,
+    )?;
+    Handle::create(py, h, when)
+}
+
+/// Validate and prepare a scheduling call: closed check, then asyncio's debug-mode checks.
+fn precheck(
+    slf: &Bound<'_, EventLoop>,
+    callback: &Bound<'_, PyAny>,
+    method: &str,
+    check_thread: bool,
+) -> PyResult<bool> {
+    let debug = {
+        let s = slf.borrow();
+        s.check_closed()?;
+        s.debug
+    };
+    if debug {
+        if check_thread {
+            slf.call_method0(intern!(slf.py(), "_check_thread"))?;
+        }
+        slf.call_method1(intern!(slf.py(), "_check_callback"), (callback, method))?;
+    } else {
+        check_callable(slf, callback, method)?;
+    }
+    Ok(debug)
+}
+
+fn schedule_at<'py>(
+    slf: &Bound<'py, EventLoop>,
+    when: f64,
+    callback: Bound<'py, PyAny>,
+    args: Bound<'py, PyTuple>,
+    context: Option<Bound<'py, PyAny>>,
+    method: &str,
+) -> PyResult<Bound<'py, Handle>> {
+    let debug = precheck(slf, &callback, method, true)?;
+    let h = new_handle(slf, callback, args, context, Some(when), debug)?;
+    h.borrow_mut().scheduled = true;
+    slf.borrow_mut().timers.push(when, h.clone().unbind());
+    Ok(h)
+}
+
+fn set_io<'py>(
+    slf: &Bound<'py, EventLoop>,
+    fd: &Bound<'py, PyAny>,
+    callback: Bound<'py, PyAny>,
+    args: Bound<'py, PyTuple>,
+    write: bool,
+) -> PyResult<Bound<'py, Handle>> {
+    let debug = {
+        let s = slf.borrow();
+        s.check_closed()?;
+        s.debug
+    };
+    let fd = py::fileobj_to_fd(fd)?;
+    let h = new_handle(slf, callback, args, None, None, debug)?;
+    let old = slf
+        .borrow_mut()
+        .reactor
+        .set(fd, write, h.clone().unbind())
+        .map_err(os_error)?;
+    if let Some(old) = old {
+        old.bind(slf.py())
+            .call_method0(intern!(slf.py(), "cancel"))?;
+    }
+    Ok(h)
+}
+
+fn unset_io(slf: &Bound<'_, EventLoop>, fd: &Bound<'_, PyAny>, write: bool) -> PyResult<bool> {
+    if slf.borrow().closed {
+        return Ok(false);
+    }
+    let fd = py::fileobj_to_fd(fd)?;
+    let old = slf.borrow_mut().reactor.unset(fd, write);
+    match old {
+        Some(h) => {
+            h.bind(slf.py()).call_method0(intern!(slf.py(), "cancel"))?;
+            Ok(true)
+        }
+        None => Ok(false),
+    }
+}
+
+/// One loop turn (asyncio's `_run_once`): poll, collect ready I/O and due timers, then run
+/// exactly the handles that were ready at that point.
+fn run_once(slf: &Bound<'_, EventLoop>) -> PyResult<()> {
+    let py = slf.py();
+    let (epfd, waker, timeout_ms, mut buf, mut events, removed) = {
+        let mut s = slf.borrow_mut();
+        let removed = s.purge_cancelled_timers(py);
+        let timeout_ms: i32 = if !s.ready.is_empty() || s.stopping {
+            0
+        } else if let Some((when, _)) = s.timers.peek() {
+            let t = (when - monotonic()).clamp(0.0, MAXIMUM_SELECT_TIMEOUT);
+            // selectors round up to the millisecond, so timers never fire early.
+            (t * 1e3).ceil() as i32
+        } else {
+            -1
+        };
+        s.sleeping = timeout_ms != 0;
+        let buf = s.buf.take().unwrap_or_default();
+        let events = std::mem::take(&mut s.events);
+        (
+            s.reactor.epfd(),
+            s.reactor.waker_fd(),
+            timeout_ms,
+            buf,
+            events,
+            removed,
+        )
+    };
+    drop(removed);
+    if epfd < 0 {
+        return Err(loop_closed());
+    }
+    events.clear();
+    let polled = if timeout_ms == 0 {
+        Reactor::<Py<Handle>>::poll(epfd, waker, &mut buf, 0, &mut events)
+    } else {
+        // Sleep without the GIL so other threads run (and may wake us).
+        py.detach(|| Reactor::<Py<Handle>>::poll(epfd, waker, &mut buf, timeout_ms, &mut events))
+    };
+    let (ntodo, debug, stale) = {
+        let mut s = slf.borrow_mut();
+        let s = &mut *s;
+        s.sleeping = false;
+        s.buf = Some(buf);
+        let mut stale = Vec::new();
+        for ev in events.drain(..) {
+            let Some(reg) = s.reactor.get(ev.fd) else {
+                continue;
+            };
+            let mut cancelled_reader = false;
+            let mut cancelled_writer = false;
+            if ev.read {
+                if let Some(r) = &reg.reader {
+                    if r.borrow(py).cancelled {
+                        cancelled_reader = true;
+                    } else {
+                        s.ready.push_back(r.clone_ref(py));
+                    }
+                }
+            }
+            if ev.write {
+                if let Some(w) = &reg.writer {
+                    if w.borrow(py).cancelled {
+                        cancelled_writer = true;
+                    } else {
+                        s.ready.push_back(w.clone_ref(py));
+                    }
+                }
+            }
+            if cancelled_reader {
+                stale.extend(s.reactor.unset(ev.fd, false));
+            }
+            if cancelled_writer {
+                stale.extend(s.reactor.unset(ev.fd, true));
+            }
+        }
+        s.events = events;
+        let end_time = monotonic() + s.clock_resolution;
+        while let Some((when, _)) = s.timers.peek() {
+            if when >= end_time {
+                break;
+            }
+            if let Some((_, h)) = s.timers.pop() {
+                h.borrow_mut(py).scheduled = false;
+                s.ready.push_back(h);
+            }
+        }
+        (s.ready.len(), s.debug, stale)
+    };
+    drop(stale);
+    if let Err(e) = polled {
+        if e.raw_os_error() == Some(libc::EINTR) {
+            // A signal arrived: run Python's handlers (KeyboardInterrupt surfaces here).
+            py.check_signals()?;
+        } else {
+            return Err(os_error(e));
+        }
+    }
+    for _ in 0..ntodo {
+        let next = slf.borrow_mut().ready.pop_front();
+        let Some(h) = next else { break };
+        let h = h.into_bound(py);
+        let outcome = if debug {
+            run_debug(slf, &h)?
+        } else {
+            run_handle(py, &h)?
+        };
+        if let RunOutcome::Fatal(e) = outcome {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Run a handle in debug mode: track `_current_handle` and warn about slow callbacks.
+fn run_debug(slf: &Bound<'_, EventLoop>, h: &Bound<'_, Handle>) -> PyResult<RunOutcome> {
+    let py = slf.py();
+    slf.setattr(intern!(py, "_current_handle"), h)?;
+    let t0 = monotonic();
+    let outcome = run_handle(py, h);
+    let dt = monotonic() - t0;
+    slf.setattr(intern!(py, "_current_handle"), py.None())?;
+    let outcome = outcome?;
+    if matches!(outcome, RunOutcome::Done) && dt >= slf.borrow().slow_callback_duration {
+        slf.call_method1(intern!(py, "_log_slow_callback"), (h, dt))?;
+    }
+    Ok(outcome)
+}
+
+#[pymethods]
+impl EventLoop {
+    #[new]
+    #[pyo3(signature = (*_args, **_kwargs))]
+    fn new(_args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+        Ok(EventLoop {
+            ready: VecDeque::new(),
+            timers: TimerHeap::new(),
+            timer_cancelled_count: 0,
+            stopping: false,
+            closed: false,
+            thread_id: None,
+            debug: false,
+            slow_callback_duration: 0.1,
+            clock_resolution: monotonic_resolution(),
+            reactor: Reactor::new().map_err(os_error)?,
+            sleeping: false,
+            events: Vec::new(),
+            buf: None,
+        })
+    }
+
+    /// `time.monotonic()`: the loop's clock.
+    fn time(&self) -> f64 {
+        monotonic()
+    }
+
+    /// Schedule `callback(*args)` for the next loop turn (FIFO).
+    #[pyo3(signature = (callback, *args, context=None))]
+    fn call_soon<'py>(
+        slf: &Bound<'py, Self>,
+        callback: Bound<'py, PyAny>,
+        args: Bound<'py, PyTuple>,
+        context: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, Handle>> {
+        let debug = precheck(slf, &callback, "call_soon", true)?;
+        let h = new_handle(slf, callback, args, context, None, debug)?;
+        slf.borrow_mut().ready.push_back(h.clone().unbind());
+        Ok(h)
+    }
+
+    /// `call_soon` that is safe from any thread: wakes the loop if it sleeps.
+    #[pyo3(signature = (callback, *args, context=None))]
+    fn call_soon_threadsafe<'py>(
+        slf: &Bound<'py, Self>,
+        callback: Bound<'py, PyAny>,
+        args: Bound<'py, PyTuple>,
+        context: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, Handle>> {
+        let debug = precheck(slf, &callback, "call_soon_threadsafe", false)?;
+        let h = new_handle(slf, callback, args, context, None, debug)?;
+        let mut s = slf.borrow_mut();
+        s.ready.push_back(h.clone().unbind());
+        if s.sleeping {
+            Reactor::<Py<Handle>>::wake(s.reactor.waker_fd());
+        }
+        Ok(h)
+    }
+
+    /// Schedule `callback(*args)` after `delay` seconds.
+    #[pyo3(signature = (delay, callback, *args, context=None))]
+    fn call_later<'py>(
+        slf: &Bound<'py, Self>,
+        delay: &Bound<'py, PyAny>,
+        callback: Bound<'py, PyAny>,
+        args: Bound<'py, PyTuple>,
+        context: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, Handle>> {
+        if delay.is_none() {
+            return Err(PyTypeError::new_err("delay must not be None"));
+        }
+        let delay: f64 = delay.extract()?;
+        schedule_at(
+            slf,
+            monotonic() + delay,
+            callback,
+            args,
+            context,
+            "call_later",
+        )
+    }
+
+    /// Schedule `callback(*args)` at `when` on `loop.time()`'s clock.
+    #[pyo3(signature = (when, callback, *args, context=None))]
+    fn call_at<'py>(
+        slf: &Bound<'py, Self>,
+        when: &Bound<'py, PyAny>,
+        callback: Bound<'py, PyAny>,
+        args: Bound<'py, PyTuple>,
+        context: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, Handle>> {
+        if when.is_none() {
+            return Err(PyTypeError::new_err("when cannot be None"));
+        }
+        let when: f64 = when.extract()?;
+        schedule_at(slf, when, callback, args, context, "call_at")
+    }
+
+    fn _timer_handle_cancelled(&mut self, handle: &Bound<'_, Handle>) {
+        if handle.borrow().scheduled {
+            self.timer_cancelled_count += 1;
+        }
+    }
+
+    /// Append an existing handle to the ready queue (asyncio's `_add_callback`).
+    fn _add_callback(&mut self, handle: Bound<'_, Handle>) {
+        if !handle.borrow().cancelled {
+            self.ready.push_back(handle.unbind());
+        }
+    }
+
+    /// Wake the loop from any thread (asyncio's `_write_to_self`).
+    fn _write_to_self(&self) {
+        if !self.reactor.is_closed() {
+            Reactor::<Py<Handle>>::wake(self.reactor.waker_fd());
+        }
+    }
+
+    /// One loop turn.
+    fn _run_once(slf: &Bound<'_, Self>) -> PyResult<()> {
+        run_once(slf)
+    }
+
+    /// Run turns until `stop()` is called (the body of `run_forever`).
+    fn _run_forever_native(slf: &Bound<'_, Self>) -> PyResult<()> {
+        loop {
+            run_once(slf)?;
+            if slf.borrow().stopping {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Stop after the current turn.
+    fn stop(&mut self) {
+        self.stopping = true;
+    }
+
+    fn is_running(&self) -> bool {
+        self.thread_id.is_some()
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    fn get_debug(&self) -> bool {
+        self.debug
+    }
+
+    /// Drop pending callbacks, timers and I/O registrations; close the poller.
+    fn _close_native(slf: &Bound<'_, Self>) {
+        let dropped = {
+            let mut s = slf.borrow_mut();
+            s.closed = true;
+            s.timer_cancelled_count = 0;
+            let ready: Vec<_> = s.ready.drain(..).collect();
+            let timers: Vec<_> = s.timers.drain().collect();
+            let regs = s.reactor.close();
+            (ready, timers, regs)
+        };
+        drop(dropped);
+    }
+
+    /// Call `callback(*args)` whenever `fd` is readable (level-triggered).
+    #[pyo3(signature = (fd, callback, *args))]
+    fn add_reader<'py>(
+        slf: &Bound<'py, Self>,
+        fd: &Bound<'py, PyAny>,
+        callback: Bound<'py, PyAny>,
+        args: Bound<'py, PyTuple>,
+    ) -> PyResult<()> {
+        set_io(slf, fd, callback, args, false).map(|_| ())
+    }
+
+    #[pyo3(signature = (fd, callback, *args))]
+    fn _add_reader<'py>(
+        slf: &Bound<'py, Self>,
+        fd: &Bound<'py, PyAny>,
+        callback: Bound<'py, PyAny>,
+        args: Bound<'py, PyTuple>,
+    ) -> PyResult<Bound<'py, Handle>> {
+        set_io(slf, fd, callback, args, false)
+    }
+
+    /// Stop watching `fd` for reading; True if a reader was registered.
+    fn remove_reader(slf: &Bound<'_, Self>, fd: &Bound<'_, PyAny>) -> PyResult<bool> {
+        unset_io(slf, fd, false)
+    }
+
+    fn _remove_reader(slf: &Bound<'_, Self>, fd: &Bound<'_, PyAny>) -> PyResult<bool> {
+        unset_io(slf, fd, false)
+    }
+
+    /// Call `callback(*args)` whenever `fd` is writable (level-triggered).
+    #[pyo3(signature = (fd, callback, *args))]
+    fn add_writer<'py>(
+        slf: &Bound<'py, Self>,
+        fd: &Bound<'py, PyAny>,
+        callback: Bound<'py, PyAny>,
+        args: Bound<'py, PyTuple>,
+    ) -> PyResult<()> {
+        set_io(slf, fd, callback, args, true).map(|_| ())
+    }
+
+    #[pyo3(signature = (fd, callback, *args))]
+    fn _add_writer<'py>(
+        slf: &Bound<'py, Self>,
+        fd: &Bound<'py, PyAny>,
+        callback: Bound<'py, PyAny>,
+        args: Bound<'py, PyTuple>,
+    ) -> PyResult<Bound<'py, Handle>> {
+        set_io(slf, fd, callback, args, true)
+    }
+
+    /// Stop watching `fd` for writing; True if a writer was registered.
+    fn remove_writer(slf: &Bound<'_, Self>, fd: &Bound<'_, PyAny>) -> PyResult<bool> {
+        unset_io(slf, fd, true)
+    }
+
+    fn _remove_writer(slf: &Bound<'_, Self>, fd: &Bound<'_, PyAny>) -> PyResult<bool> {
+        unset_io(slf, fd, true)
+    }
+
+    #[getter]
+    fn _stopping(&self) -> bool {
+        self.stopping
+    }
+
+    #[setter(_stopping)]
+    fn set_stopping(&mut self, value: bool) {
+        self.stopping = value;
+    }
+
+    #[getter]
+    fn _closed(&self) -> bool {
+        self.closed
+    }
+
+    #[getter]
+    fn _thread_id(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.thread_id.as_ref().map(|t| t.clone_ref(py))
+    }
+
+    #[setter(_thread_id)]
+    fn set_thread_id(&mut self, value: Option<Py<PyAny>>) {
+        self.thread_id = value;
+    }
+
+    #[getter]
+    fn _debug(&self) -> bool {
+        self.debug
+    }
+
+    #[setter(_debug)]
+    fn set_debug(&mut self, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.debug = value.is_truthy()?;
+        Ok(())
+    }
+
+    #[getter]
+    fn slow_callback_duration(&self) -> f64 {
+        self.slow_callback_duration
+    }
+
+    #[setter]
+    fn set_slow_callback_duration(&mut self, value: f64) {
+        self.slow_callback_duration = value;
+    }
+
+    #[getter]
+    fn _clock_resolution(&self) -> f64 {
+        self.clock_resolution
+    }
+
+    #[getter]
+    fn _timer_cancelled_count(&self) -> usize {
+        self.timer_cancelled_count
+    }
+
+    /// The scheduled timers, earliest first (asyncio exposes its heap as `_scheduled`).
+    #[getter]
+    fn _scheduled(&self, py: Python<'_>) -> Vec<Py<Handle>> {
+        self.timers.iter().map(|h| h.clone_ref(py)).collect()
+    }
+
+    /// The handles ready to run in the next turn (asyncio's `_ready` deque, as a copy).
+    #[getter]
+    fn _ready(&self, py: Python<'_>) -> Vec<Py<Handle>> {
+        self.ready.iter().map(|h| h.clone_ref(py)).collect()
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        for h in self.ready.iter().chain(self.timers.iter()) {
+            visit.call(h)?;
+        }
+        for reg in self.reactor.registrations() {
+            for h in reg.reader.iter().chain(reg.writer.iter()) {
+                visit.call(h)?;
+            }
+        }
+        if let Some(t) = &self.thread_id {
+            visit.call(t)?;
+        }
+        Ok(())
+    }
+
+    fn __clear__(&mut self) {
+        self.ready.clear();
+        self.timers.clear();
+        self.reactor.close();
+        self.thread_id = None;
+    }
+}

@@ -1,0 +1,340 @@
+//! `Handle` and `TimerHandle` (asyncio's `events.Handle`/`events.TimerHandle`).
+
+use pyo3::exceptions::PyKeyboardInterrupt;
+use pyo3::exceptions::PySystemExit;
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::pyclass::{CompareOp, PyTraverseError, PyVisit};
+use pyo3::types::PyTuple;
+
+use crate::event_loop::EventLoop;
+use crate::py;
+
+/// A callback scheduled on the loop. Timer fields (`when`, `scheduled`) live here too, so
+/// the loop can keep one queue type; `TimerHandle` only adds the timer methods.
+#[pyclass(subclass, weakref, module = "ferroloop._ferroloop")]
+pub struct Handle {
+    pub callback: Option<Py<PyAny>>,
+    pub args: Option<Py<PyTuple>>,
+    pub context: Option<Py<PyAny>>,
+    pub loop_: Option<Py<PyAny>>,
+    pub cancelled: bool,
+    pub source_traceback: Option<Py<PyAny>>,
+    pub repr: Option<Py<PyAny>>,
+    pub is_timer: bool,
+    pub when: f64,
+    pub scheduled: bool,
+}
+
+/// A handle that runs at a deadline (`loop.call_at`/`call_later`).
+#[pyclass(extends = Handle, module = "ferroloop._ferroloop")]
+pub struct TimerHandle;
+
+impl Handle {
+    pub fn new(
+        py: Python<'_>,
+        callback: Py<PyAny>,
+        args: Py<PyTuple>,
+        loop_: Option<Py<PyAny>>,
+        context: Option<Py<PyAny>>,
+        debug: bool,
+    ) -> PyResult<Handle> {
+        let context = match context {
+            Some(c) => c,
+            // SAFETY: PyContext_CopyCurrent returns a new reference or NULL with an error set.
+            None => unsafe {
+                Bound::from_owned_ptr_or_err(py, ffi::PyContext_CopyCurrent())?.unbind()
+            },
+        };
+        let source_traceback = if debug {
+            Some(py::extract_stack(py)?)
+        } else {
+            None
+        };
+        Ok(Handle {
+            callback: Some(callback),
+            args: Some(args),
+            context: Some(context),
+            loop_,
+            cancelled: false,
+            source_traceback,
+            repr: None,
+            is_timer: false,
+            when: 0.0,
+            scheduled: false,
+        })
+    }
+
+    /// Build a Python `Handle`, or a `TimerHandle` when `when` is given.
+    pub fn create(py: Python<'_>, mut h: Handle, when: Option<f64>) -> PyResult<Bound<'_, Handle>> {
+        match when {
+            None => Bound::new(py, h),
+            Some(w) => {
+                h.is_timer = true;
+                h.when = w;
+                let init = PyClassInitializer::from(h).add_subclass(TimerHandle);
+                Ok(Bound::new(py, init)?.into_super())
+            }
+        }
+    }
+}
+
+/// What running a handle produced, as asyncio's `Handle._run` sees it.
+pub enum RunOutcome {
+    Done,
+    /// KeyboardInterrupt/SystemExit: propagates out of run_forever.
+    Fatal(PyErr),
+}
+
+/// Run `h` inside its context. Exceptions other than KeyboardInterrupt/SystemExit go to
+/// the loop's exception handler (asyncio's `Handle._run`).
+pub fn run_handle(py: Python<'_>, h: &Bound<'_, Handle>) -> PyResult<RunOutcome> {
+    let (callback, args, context) = {
+        let b = h.borrow();
+        if b.cancelled {
+            return Ok(RunOutcome::Done);
+        }
+        match (&b.callback, &b.args, &b.context) {
+            (Some(c), Some(a), Some(x)) => (c.clone_ref(py), a.clone_ref(py), x.clone_ref(py)),
+            _ => return Ok(RunOutcome::Done),
+        }
+    };
+    // Enter the context natively (asyncio's Context.run without the bound-method call).
+    // SAFETY: `context` is a live contextvars.Context kept alive by our reference.
+    let result = if unsafe { ffi::PyContext_Enter(context.as_ptr()) } < 0 {
+        Err(PyErr::fetch(py))
+    } else {
+        let r = callback.bind(py).call1(args.bind(py));
+        // SAFETY: we entered this context just above, on this thread.
+        if unsafe { ffi::PyContext_Exit(context.as_ptr()) } < 0 {
+            Err(PyErr::fetch(py))
+        } else {
+            r.map(|_| ())
+        }
+    };
+    match result {
+        Ok(()) => Ok(RunOutcome::Done),
+        Err(e)
+            if e.is_instance_of::<PyKeyboardInterrupt>(py)
+                || e.is_instance_of::<PySystemExit>(py) =>
+        {
+            Ok(RunOutcome::Fatal(e))
+        }
+        Err(e) => {
+            let loop_ = h.borrow().loop_.as_ref().map(|l| l.clone_ref(py));
+            match loop_ {
+                Some(l) => {
+                    l.bind(py).call_method1(
+                        pyo3::intern!(py, "_report_callback_error"),
+                        (h, e.value(py)),
+                    )?;
+                }
+                None => e.restore(py),
+            }
+            Ok(RunOutcome::Done)
+        }
+    }
+}
+
+fn cancel_handle(slf: &Bound<'_, Handle>) -> PyResult<()> {
+    let py = slf.py();
+    let (loop_, notify) = {
+        let h = slf.borrow();
+        if h.cancelled {
+            return Ok(());
+        }
+        (
+            h.loop_.as_ref().map(|l| l.clone_ref(py)),
+            h.is_timer && h.scheduled,
+        )
+    };
+    // In debug mode keep a repr so the callback and arguments still show (asyncio).
+    let mut repr = None;
+    if let Some(l) = &loop_ {
+        let l = l.bind(py);
+        if notify {
+            if let Ok(native) = l.cast::<EventLoop>() {
+                native.borrow_mut().timer_handle_cancelled();
+            } else {
+                l.call_method1(pyo3::intern!(py, "_timer_handle_cancelled"), (slf,))?;
+            }
+        }
+        if l.call_method0(pyo3::intern!(py, "get_debug"))?
+            .is_truthy()?
+        {
+            repr = Some(py::handle_repr(slf.as_any())?);
+        }
+    }
+    let (callback, args) = {
+        let mut h = slf.borrow_mut();
+        h.cancelled = true;
+        if repr.is_some() {
+            h.repr = repr;
+        }
+        (h.callback.take(), h.args.take())
+    };
+    // Dropped after the borrow ends: their destructors may run Python code.
+    drop((callback, args));
+    Ok(())
+}
+
+#[pymethods]
+impl Handle {
+    /// Cancel the callback; a cancelled handle never runs. Idempotent.
+    fn cancel(slf: &Bound<'_, Self>) -> PyResult<()> {
+        cancel_handle(slf)
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancelled
+    }
+
+    fn get_context(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.context.as_ref().map(|c| c.clone_ref(py))
+    }
+
+    /// Run the callback now (asyncio's private `Handle._run`).
+    fn _run(slf: &Bound<'_, Self>) -> PyResult<()> {
+        match run_handle(slf.py(), slf)? {
+            RunOutcome::Done => Ok(()),
+            RunOutcome::Fatal(e) => Err(e),
+        }
+    }
+
+    fn __repr__(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
+        py::handle_repr(slf.as_any())
+    }
+
+    #[getter]
+    fn _callback(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.callback.as_ref().map(|c| c.clone_ref(py))
+    }
+
+    #[getter]
+    fn _args(&self, py: Python<'_>) -> Option<Py<PyTuple>> {
+        self.args.as_ref().map(|c| c.clone_ref(py))
+    }
+
+    #[getter]
+    fn _cancelled(&self) -> bool {
+        self.cancelled
+    }
+
+    #[getter]
+    fn _context(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.get_context(py)
+    }
+
+    #[getter]
+    fn _loop(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.loop_.as_ref().map(|c| c.clone_ref(py))
+    }
+
+    #[getter]
+    fn _source_traceback(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.source_traceback.as_ref().map(|c| c.clone_ref(py))
+    }
+
+    #[setter(_source_traceback)]
+    fn set_source_traceback(&mut self, value: Option<Py<PyAny>>) {
+        self.source_traceback = value;
+    }
+
+    #[getter]
+    fn _repr(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.repr.as_ref().map(|c| c.clone_ref(py))
+    }
+
+    #[getter]
+    fn _is_timer(&self) -> bool {
+        self.is_timer
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        for o in [
+            &self.callback,
+            &self.context,
+            &self.loop_,
+            &self.source_traceback,
+            &self.repr,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            visit.call(o)?;
+        }
+        if let Some(a) = &self.args {
+            visit.call(a)?;
+        }
+        Ok(())
+    }
+
+    fn __clear__(&mut self) {
+        self.callback = None;
+        self.args = None;
+        self.context = None;
+        self.loop_ = None;
+        self.source_traceback = None;
+        self.repr = None;
+    }
+}
+
+#[pymethods]
+impl TimerHandle {
+    /// The absolute time (on `loop.time()`'s clock) the callback is scheduled for.
+    fn when(slf: PyRef<'_, Self>) -> f64 {
+        slf.as_super().when
+    }
+
+    #[getter]
+    fn _when(slf: PyRef<'_, Self>) -> f64 {
+        slf.as_super().when
+    }
+
+    #[getter]
+    fn _scheduled(slf: PyRef<'_, Self>) -> bool {
+        slf.as_super().scheduled
+    }
+
+    fn __hash__(slf: PyRef<'_, Self>) -> u64 {
+        slf.as_super().when.to_bits()
+    }
+
+    fn __richcmp__(
+        slf: &Bound<'_, Self>,
+        other: &Bound<'_, PyAny>,
+        op: CompareOp,
+    ) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let Ok(other) = other.cast::<TimerHandle>() else {
+            return Ok(py.NotImplemented());
+        };
+        let a = slf.as_super().borrow();
+        let b = other.as_super().borrow();
+        let result = match op {
+            CompareOp::Lt => a.when < b.when,
+            CompareOp::Le => a.when < b.when || a.when == b.when && equal(py, &a, &b)?,
+            CompareOp::Gt => a.when > b.when,
+            CompareOp::Ge => a.when > b.when || a.when == b.when && equal(py, &a, &b)?,
+            CompareOp::Eq => a.when == b.when && equal(py, &a, &b)?,
+            CompareOp::Ne => !(a.when == b.when && equal(py, &a, &b)?),
+        };
+        Ok(result.into_pyobject(py)?.to_owned().into_any().unbind())
+    }
+}
+
+/// asyncio's TimerHandle equality: same callback, args and cancelled state.
+fn equal(py: Python<'_>, a: &Handle, b: &Handle) -> PyResult<bool> {
+    let eq = |x: Option<&Py<PyAny>>, y: Option<&Py<PyAny>>| -> PyResult<bool> {
+        match (x, y) {
+            (Some(x), Some(y)) => x.bind(py).eq(y.bind(py)),
+            (None, None) => Ok(true),
+            _ => Ok(false),
+        }
+    };
+    let args_a = a.args.as_ref().map(|t| t.clone_ref(py).into_any());
+    let args_b = b.args.as_ref().map(|t| t.clone_ref(py).into_any());
+    Ok(eq(a.callback.as_ref(), b.callback.as_ref())?
+        && eq(args_a.as_ref(), args_b.as_ref())?
+        && a.cancelled == b.cancelled)
+}

@@ -1,0 +1,19 @@
+//! The native module `ferroloop._ferroloop`: the module list only.
+
+use pyo3::prelude::*;
+
+mod errors;
+mod event_loop;
+mod handles;
+mod py;
+mod reactor;
+mod timers;
+
+#[pymodule]
+fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<event_loop::EventLoop>()?;
+    m.add_class::<handles::Handle>()?;
+    m.add_class::<handles::TimerHandle>()?;
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! The timer heap behind `call_at`/`call_later` (asyncio's `_scheduled` heapq), and the clock.
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+
+/// `time.monotonic()`: CLOCK_MONOTONIC in seconds, the base `loop.time()` shares with Python.
+pub fn monotonic() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// The resolution of the monotonic clock (asyncio's `_clock_resolution`).
+pub fn monotonic_resolution() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: as above, clock_getres only writes the timespec.
+    unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+struct Entry<T> {
+    when: f64,
+    seq: u64,
+    item: T,
+}
+
+impl<T> PartialEq for Entry<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl<T> Eq for Entry<T> {}
+impl<T> PartialOrd for Entry<T> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl<T> Ord for Entry<T> {
+    // Reversed: BinaryHeap is a max-heap and we want the earliest deadline on top;
+    // equal deadlines fire in scheduling order (seq).
+    fn cmp(&self, other: &Self) -> Ordering {
+        other
+            .when
+            .total_cmp(&self.when)
+            .then_with(|| other.seq.cmp(&self.seq))
+    }
+}
+
+/// A min-heap of items by deadline; ties keep scheduling order.
+pub struct TimerHeap<T> {
+    heap: BinaryHeap<Entry<T>>,
+    seq: u64,
+}
+
+impl<T> Default for TimerHeap<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> TimerHeap<T> {
+    pub fn new() -> Self {
+        TimerHeap {
+            heap: BinaryHeap::new(),
+            seq: 0,
+        }
+    }
+
+    pub fn push(&mut self, when: f64, item: T) {
+        self.seq += 1;
+        self.heap.push(Entry {
+            when,
+            seq: self.seq,
+            item,
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.heap.len()
+    }
+
+    /// The earliest entry, if any.
+    pub fn peek(&self) -> Option<(f64, &T)> {
+        self.heap.peek().map(|e| (e.when, &e.item))
+    }
+
+    pub fn pop(&mut self) -> Option<(f64, T)> {
+        self.heap.pop().map(|e| (e.when, e.item))
+    }
+
+    /// Keep only the items for which `keep` is true (asyncio's purge of cancelled timers).
+    pub fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
+        self.heap.retain(|e| keep(&e.item));
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.heap.iter().map(|e| &e.item)
+    }
+
+    pub fn clear(&mut self) {
+        self.heap.clear();
+    }
+
+    /// Remove every item, handing each to `f` (so the caller can unmark it).
+    pub fn drain(&mut self) -> impl Iterator<Item = T> + '_ {
+        self.heap.drain().map(|e| e.item)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn earliest_first_and_ties_in_scheduling_order() {
+        let mut h = TimerHeap::new();
+        h.push(2.0, "c");
+        h.push(1.0, "a");
+        h.push(1.0, "b");
+        h.push(0.5, "first");
+        let order: Vec<_> = std::iter::from_fn(|| h.pop().map(|(_, x)| x)).collect();
+        assert_eq!(order, vec!["first", "a", "b", "c"]);
+    }
+
+    #[test]
+    fn many_equal_deadlines_keep_fifo() {
+        let mut h = TimerHeap::new();
+        for i in 0..1000 {
+            h.push(7.0, i);
+        }
+        let order: Vec<_> = std::iter::from_fn(|| h.pop().map(|(_, x)| x)).collect();
+        assert_eq!(order, (0..1000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn retain_drops_items_and_keeps_order() {
+        let mut h = TimerHeap::new();
+        for i in 0..10 {
+            h.push(i as f64, i);
+        }
+        h.retain(|x| x % 2 == 0);
+        assert_eq!(h.len(), 5);
+        assert_eq!(h.peek().map(|(w, x)| (w, *x)), Some((0.0, 0)));
+        let order: Vec<_> = std::iter::from_fn(|| h.pop().map(|(_, x)| x)).collect();
+        assert_eq!(order, vec![0, 2, 4, 6, 8]);
+    }
+
+    #[test]
+    fn clock_is_monotonic_with_fine_resolution() {
+        let a = monotonic();
+        let b = monotonic();
+        assert!(b >= a);
+        assert!(monotonic_resolution() <= 1e-3);
+    }
+}
