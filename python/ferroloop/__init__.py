@@ -17,14 +17,14 @@ from ._ferroloop import Handle, TimerHandle, __version__
 from .loop import Loop
 
 __all__ = (
-    "Loop",
-    "Handle",
-    "TimerHandle",
     "EventLoopPolicy",
-    "new_event_loop",
-    "install",
-    "run",
+    "Handle",
+    "Loop",
+    "TimerHandle",
     "__version__",
+    "install",
+    "new_event_loop",
+    "run",
 )
 
 

@@ -18,9 +18,9 @@ HAS_RUN_FOREVER_SETUP = hasattr(base_events.BaseEventLoop, "_run_forever_setup")
 
 # 3.13 gave format_helpers._format_callback_source a ``debug`` keyword (and Handle passes
 # the loop's debug flag); a feature test, since patch releases differ.
-FORMAT_CALLBACK_TAKES_DEBUG = "debug" in inspect.signature(
-    format_helpers._format_callback_source
-).parameters
+FORMAT_CALLBACK_TAKES_DEBUG = (
+    "debug" in inspect.signature(format_helpers._format_callback_source).parameters
+)
 
 # asyncio.Runner (3.11+) carries asyncio.run's contract; older versions inline it.
 HAS_RUNNER = sys.version_info >= (3, 11)

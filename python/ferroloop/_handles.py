@@ -1,7 +1,5 @@
 """asyncio's Handle/TimerHandle repr, for ferroloop's native handles."""
 
-from asyncio import format_helpers
-
 from . import _compat
 
 
@@ -21,4 +19,4 @@ def handle_repr(h):
     return "<{}>".format(" ".join(info))
 
 
-__all__ = ("handle_repr", "format_helpers")
+__all__ = ("handle_repr",)
