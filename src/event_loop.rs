@@ -6,7 +6,6 @@ use std::collections::VecDeque;
 use pyo3::exceptions::PyTypeError;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::pyclass::{PyTraverseError, PyVisit};
 use pyo3::types::PyTuple;
 
 use crate::errors::{loop_closed, os_error};
@@ -126,7 +125,7 @@ fn new_handle<'py>(
         py,
         callback.unbind(),
         args.unbind(),
-        Some(slf.clone().into_any().unbind()),
+        Some(slf.as_any()),
         context.map(Bound::unbind),
         debug,
     )?;
@@ -185,6 +184,7 @@ fn set_io<'py>(
     };
     let fd = py::fileobj_to_fd(fd)?;
     let h = new_handle(slf, callback, args, None, None, debug)?;
+    h.borrow_mut().repeat = true;
     let old = slf
         .borrow_mut()
         .reactor
@@ -216,7 +216,7 @@ fn unset_io(slf: &Bound<'_, EventLoop>, fd: &Bound<'_, PyAny>, write: bool) -> P
 /// exactly the handles that were ready at that point.
 fn run_once(slf: &Bound<'_, EventLoop>) -> PyResult<()> {
     let py = slf.py();
-    let (epfd, waker, timeout_ms, mut buf, mut events, removed) = {
+    let (timeout_ms, removed) = {
         let mut s = slf.borrow_mut();
         let removed = s.purge_cancelled_timers(py);
         let timeout_ms: i32 = if !s.ready.is_empty() || s.stopping {
@@ -228,22 +228,64 @@ fn run_once(slf: &Bound<'_, EventLoop>) -> PyResult<()> {
         } else {
             -1
         };
+        (timeout_ms, removed)
+    };
+    drop(removed);
+    // Nothing to poll for when no fd is watched and we would not sleep: threadsafe
+    // callbacks land in the ready queue directly, and the waker only matters to a sleeping
+    // poll. Skipping the syscall keeps busy turns cheap.
+    if timeout_ms != 0 || slf.borrow().reactor.has_registrations() {
+        poll(slf, timeout_ms)?;
+    }
+    let (ntodo, debug) = {
+        let mut s = slf.borrow_mut();
+        let s = &mut *s;
+        if !s.timers.is_empty() {
+            let end_time = monotonic() + s.clock_resolution;
+            while let Some((when, _)) = s.timers.peek() {
+                if when >= end_time {
+                    break;
+                }
+                if let Some((_, h)) = s.timers.pop() {
+                    h.borrow_mut(py).scheduled = false;
+                    s.ready.push_back(h);
+                }
+            }
+        }
+        (s.ready.len(), s.debug)
+    };
+    for _ in 0..ntodo {
+        let next = slf.borrow_mut().ready.pop_front();
+        let Some(h) = next else { break };
+        let h = h.into_bound(py);
+        let outcome = if debug {
+            run_debug(slf, &h)?
+        } else {
+            run_handle(py, &h, Some(slf.as_any()))?
+        };
+        let released = h.borrow_mut().release();
+        drop(released);
+        if let RunOutcome::Fatal(e) = outcome {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Wait for I/O (without the GIL unless the timeout is 0) and queue the ready readers and
+/// writers (asyncio's `_process_events`).
+fn poll(slf: &Bound<'_, EventLoop>, timeout_ms: i32) -> PyResult<()> {
+    let py = slf.py();
+    let (epfd, waker, mut buf, mut events) = {
+        let mut s = slf.borrow_mut();
+        if s.reactor.is_closed() {
+            return Err(loop_closed());
+        }
         s.sleeping = timeout_ms != 0;
         let buf = s.buf.take().unwrap_or_default();
         let events = std::mem::take(&mut s.events);
-        (
-            s.reactor.epfd(),
-            s.reactor.waker_fd(),
-            timeout_ms,
-            buf,
-            events,
-            removed,
-        )
+        (s.reactor.epfd(), s.reactor.waker_fd(), buf, events)
     };
-    drop(removed);
-    if epfd < 0 {
-        return Err(loop_closed());
-    }
     events.clear();
     let polled = if timeout_ms == 0 {
         Reactor::<Py<Handle>>::poll(epfd, waker, &mut buf, 0, &mut events)
@@ -251,7 +293,7 @@ fn run_once(slf: &Bound<'_, EventLoop>) -> PyResult<()> {
         // Sleep without the GIL so other threads run (and may wake us).
         py.detach(|| Reactor::<Py<Handle>>::poll(epfd, waker, &mut buf, timeout_ms, &mut events))
     };
-    let (ntodo, debug, stale) = {
+    let stale = {
         let mut s = slf.borrow_mut();
         let s = &mut *s;
         s.sleeping = false;
@@ -289,41 +331,15 @@ fn run_once(slf: &Bound<'_, EventLoop>) -> PyResult<()> {
             }
         }
         s.events = events;
-        let end_time = monotonic() + s.clock_resolution;
-        while let Some((when, _)) = s.timers.peek() {
-            if when >= end_time {
-                break;
-            }
-            if let Some((_, h)) = s.timers.pop() {
-                h.borrow_mut(py).scheduled = false;
-                s.ready.push_back(h);
-            }
-        }
-        (s.ready.len(), s.debug, stale)
+        stale
     };
     drop(stale);
-    if let Err(e) = polled {
-        if e.raw_os_error() == Some(libc::EINTR) {
-            // A signal arrived: run Python's handlers (KeyboardInterrupt surfaces here).
-            py.check_signals()?;
-        } else {
-            return Err(os_error(e));
-        }
+    match polled {
+        Ok(()) => Ok(()),
+        // A signal arrived: run Python's handlers (KeyboardInterrupt surfaces here).
+        Err(e) if e.raw_os_error() == Some(libc::EINTR) => py.check_signals(),
+        Err(e) => Err(os_error(e)),
     }
-    for _ in 0..ntodo {
-        let next = slf.borrow_mut().ready.pop_front();
-        let Some(h) = next else { break };
-        let h = h.into_bound(py);
-        let outcome = if debug {
-            run_debug(slf, &h)?
-        } else {
-            run_handle(py, &h)?
-        };
-        if let RunOutcome::Fatal(e) = outcome {
-            return Err(e);
-        }
-    }
-    Ok(())
 }
 
 /// Run a handle in debug mode: track `_current_handle` and warn about slow callbacks.
@@ -331,7 +347,7 @@ fn run_debug(slf: &Bound<'_, EventLoop>, h: &Bound<'_, Handle>) -> PyResult<RunO
     let py = slf.py();
     slf.setattr(intern!(py, "_current_handle"), h)?;
     let t0 = monotonic();
-    let outcome = run_handle(py, h);
+    let outcome = run_handle(py, h, Some(slf.as_any()));
     let dt = monotonic() - t0;
     slf.setattr(intern!(py, "_current_handle"), py.None())?;
     let outcome = outcome?;
@@ -395,6 +411,8 @@ impl EventLoop {
         let mut s = slf.borrow_mut();
         s.ready.push_back(h.clone().unbind());
         if s.sleeping {
+            // One write is enough: the eventfd stays readable until the loop drains it.
+            s.sleeping = false;
             Reactor::<Py<Handle>>::wake(s.reactor.waker_fd());
         }
         Ok(h)
@@ -631,27 +649,5 @@ impl EventLoop {
     #[getter]
     fn _ready(&self, py: Python<'_>) -> Vec<Py<Handle>> {
         self.ready.iter().map(|h| h.clone_ref(py)).collect()
-    }
-
-    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
-        for h in self.ready.iter().chain(self.timers.iter()) {
-            visit.call(h)?;
-        }
-        for reg in self.reactor.registrations() {
-            for h in reg.reader.iter().chain(reg.writer.iter()) {
-                visit.call(h)?;
-            }
-        }
-        if let Some(t) = &self.thread_id {
-            visit.call(t)?;
-        }
-        Ok(())
-    }
-
-    fn __clear__(&mut self) {
-        self.ready.clear();
-        self.timers.clear();
-        self.reactor.close();
-        self.thread_id = None;
     }
 }

@@ -4,20 +4,27 @@ use pyo3::exceptions::PyKeyboardInterrupt;
 use pyo3::exceptions::PySystemExit;
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::pyclass::{CompareOp, PyTraverseError, PyVisit};
-use pyo3::types::PyTuple;
+use pyo3::pyclass::CompareOp;
+use pyo3::types::{PyTuple, PyWeakrefReference};
 
 use crate::event_loop::EventLoop;
 use crate::py;
 
 /// A callback scheduled on the loop. Timer fields (`when`, `scheduled`) live here too, so
 /// the loop can keep one queue type; `TimerHandle` only adds the timer methods.
+///
+/// Handles are not tracked by Python's cycle collector: every `call_soon` allocates one,
+/// and tracking them made the collector a third of a busy loop's time. They can take part
+/// in no cycle: the loop is held through a weak reference, and the callback and arguments
+/// are dropped once a one-shot handle has run or is cancelled.
 #[pyclass(subclass, weakref, module = "ferroloop._ferroloop")]
 pub struct Handle {
     pub callback: Option<Py<PyAny>>,
     pub args: Option<Py<PyTuple>>,
     pub context: Option<Py<PyAny>>,
-    pub loop_: Option<Py<PyAny>>,
+    pub loop_: Option<Py<PyWeakrefReference>>,
+    /// Reader/writer handles run again and again; every other handle runs once.
+    pub repeat: bool,
     pub cancelled: bool,
     pub source_traceback: Option<Py<PyAny>>,
     pub repr: Option<Py<PyAny>>,
@@ -35,10 +42,15 @@ impl Handle {
         py: Python<'_>,
         callback: Py<PyAny>,
         args: Py<PyTuple>,
-        loop_: Option<Py<PyAny>>,
+        loop_: Option<&Bound<'_, PyAny>>,
         context: Option<Py<PyAny>>,
         debug: bool,
     ) -> PyResult<Handle> {
+        // A basic weak reference is shared by all handles of a loop (CPython reuses it).
+        let loop_ = match loop_ {
+            Some(l) => Some(PyWeakrefReference::new(l)?.unbind()),
+            None => None,
+        };
         let context = match context {
             Some(c) => c,
             // SAFETY: PyContext_CopyCurrent returns a new reference or NULL with an error set.
@@ -56,6 +68,7 @@ impl Handle {
             args: Some(args),
             context: Some(context),
             loop_,
+            repeat: false,
             cancelled: false,
             source_traceback,
             repr: None,
@@ -66,18 +79,40 @@ impl Handle {
     }
 
     /// Build a Python `Handle`, or a `TimerHandle` when `when` is given.
+    /// The loop, if it is still alive.
+    pub fn loop_ref<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyAny>> {
+        self.loop_.as_ref().and_then(|w| w.bind(py).upgrade())
+    }
+
+    /// After a one-shot handle ran: drop its callback and arguments (the caller drops the
+    /// returned values once the borrow has ended, as their destructors may run Python code).
+    pub fn release(&mut self) -> Option<Released> {
+        if self.repeat {
+            return None;
+        }
+        Some((self.callback.take(), self.args.take()))
+    }
+
     pub fn create(py: Python<'_>, mut h: Handle, when: Option<f64>) -> PyResult<Bound<'_, Handle>> {
-        match when {
-            None => Bound::new(py, h),
+        let obj = match when {
+            None => Bound::new(py, h)?,
             Some(w) => {
                 h.is_timer = true;
                 h.when = w;
                 let init = PyClassInitializer::from(h).add_subclass(TimerHandle);
-                Ok(Bound::new(py, init)?.into_super())
+                Bound::new(py, init)?.into_super()
             }
-        }
+        };
+        // PyO3 makes every class a GC type; handles can be in no cycle (see above), so
+        // take them off the collector's lists.
+        // SAFETY: `obj` is a live GC object we just created; untracking is always allowed.
+        unsafe { ffi::PyObject_GC_UnTrack(obj.as_ptr().cast()) };
+        Ok(obj)
     }
 }
+
+/// A handle's callback and arguments, taken out to be dropped outside any borrow.
+pub type Released = (Option<Py<PyAny>>, Option<Py<PyTuple>>);
 
 /// What running a handle produced, as asyncio's `Handle._run` sees it.
 pub enum RunOutcome {
@@ -88,7 +123,11 @@ pub enum RunOutcome {
 
 /// Run `h` inside its context. Exceptions other than KeyboardInterrupt/SystemExit go to
 /// the loop's exception handler (asyncio's `Handle._run`).
-pub fn run_handle(py: Python<'_>, h: &Bound<'_, Handle>) -> PyResult<RunOutcome> {
+pub fn run_handle(
+    py: Python<'_>,
+    h: &Bound<'_, Handle>,
+    loop_: Option<&Bound<'_, PyAny>>,
+) -> PyResult<RunOutcome> {
     let (callback, args, context) = {
         let b = h.borrow();
         if b.cancelled {
@@ -121,17 +160,21 @@ pub fn run_handle(py: Python<'_>, h: &Bound<'_, Handle>) -> PyResult<RunOutcome>
             Ok(RunOutcome::Fatal(e))
         }
         Err(e) => {
-            let loop_ = h.borrow().loop_.as_ref().map(|l| l.clone_ref(py));
+            let loop_ = match loop_ {
+                Some(l) => Some(l.clone()),
+                None => h.borrow().loop_ref(py),
+            };
             match loop_ {
                 Some(l) => {
-                    l.bind(py).call_method1(
+                    l.call_method1(
                         pyo3::intern!(py, "_report_callback_error"),
                         (h, e.value(py)),
                     )?;
+                    Ok(RunOutcome::Done)
                 }
-                None => e.restore(py),
+                // The loop is gone: nobody to report to, so the caller gets the error.
+                None => Err(e),
             }
-            Ok(RunOutcome::Done)
         }
     }
 }
@@ -143,15 +186,11 @@ fn cancel_handle(slf: &Bound<'_, Handle>) -> PyResult<()> {
         if h.cancelled {
             return Ok(());
         }
-        (
-            h.loop_.as_ref().map(|l| l.clone_ref(py)),
-            h.is_timer && h.scheduled,
-        )
+        (h.loop_ref(py), h.is_timer && h.scheduled)
     };
     // In debug mode keep a repr so the callback and arguments still show (asyncio).
     let mut repr = None;
     if let Some(l) = &loop_ {
-        let l = l.bind(py);
         if notify {
             if let Ok(native) = l.cast::<EventLoop>() {
                 native.borrow_mut().timer_handle_cancelled();
@@ -195,7 +234,7 @@ impl Handle {
 
     /// Run the callback now (asyncio's private `Handle._run`).
     fn _run(slf: &Bound<'_, Self>) -> PyResult<()> {
-        match run_handle(slf.py(), slf)? {
+        match run_handle(slf.py(), slf, None)? {
             RunOutcome::Done => Ok(()),
             RunOutcome::Fatal(e) => Err(e),
         }
@@ -226,8 +265,8 @@ impl Handle {
     }
 
     #[getter]
-    fn _loop(&self, py: Python<'_>) -> Option<Py<PyAny>> {
-        self.loop_.as_ref().map(|c| c.clone_ref(py))
+    fn _loop<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyAny>> {
+        self.loop_ref(py)
     }
 
     #[getter]
@@ -248,34 +287,6 @@ impl Handle {
     #[getter]
     fn _is_timer(&self) -> bool {
         self.is_timer
-    }
-
-    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
-        for o in [
-            &self.callback,
-            &self.context,
-            &self.loop_,
-            &self.source_traceback,
-            &self.repr,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            visit.call(o)?;
-        }
-        if let Some(a) = &self.args {
-            visit.call(a)?;
-        }
-        Ok(())
-    }
-
-    fn __clear__(&mut self) {
-        self.callback = None;
-        self.args = None;
-        self.context = None;
-        self.loop_ = None;
-        self.source_traceback = None;
-        self.repr = None;
     }
 }
 

@@ -102,13 +102,9 @@ impl<T> Reactor<T> {
         self.regs.get(&fd)
     }
 
-    #[cfg(test)]
-    pub fn is_empty(&self) -> bool {
-        self.regs.is_empty()
-    }
-
-    pub fn registrations(&self) -> impl Iterator<Item = &Registration<T>> {
-        self.regs.values()
+    /// True when any fd (besides the waker) is registered.
+    pub fn has_registrations(&self) -> bool {
+        !self.regs.is_empty()
     }
 
     fn ctl(&self, op: libc::c_int, fd: RawFd, events: u32) -> io::Result<()> {
@@ -299,7 +295,7 @@ mod tests {
         assert!(out.is_empty());
         assert_eq!(r.unset(rd, false), Some("reader"));
         assert_eq!(r.unset(rd, false), None);
-        assert!(r.is_empty());
+        assert!(!r.has_registrations());
         unsafe {
             libc::close(rd);
             libc::close(wr);
@@ -321,6 +317,6 @@ mod tests {
         let mut r: Reactor<()> = Reactor::new().unwrap();
         let err = r.set(987654, false, ()).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EBADF));
-        assert!(r.is_empty());
+        assert!(!r.has_registrations());
     }
 }

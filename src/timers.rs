@@ -86,6 +86,10 @@ impl<T> TimerHeap<T> {
         self.heap.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.heap.is_empty()
+    }
+
     /// The earliest entry, if any.
     pub fn peek(&self) -> Option<(f64, &T)> {
         self.heap.peek().map(|e| (e.when, &e.item))
@@ -102,10 +106,6 @@ impl<T> TimerHeap<T> {
 
     pub fn iter(&self) -> impl Iterator<Item = &T> {
         self.heap.iter().map(|e| &e.item)
-    }
-
-    pub fn clear(&mut self) {
-        self.heap.clear();
     }
 
     /// Remove every item, handing each to `f` (so the caller can unmark it).
