@@ -437,7 +437,7 @@ impl EventLoop {
             callback,
             args,
             context,
-            "call_later",
+            "call_at", // asyncio's call_later goes through call_at: errors name it
         )
     }
 

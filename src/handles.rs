@@ -168,7 +168,7 @@ pub fn run_handle(
                 Some(l) => {
                     l.call_method1(
                         pyo3::intern!(py, "_report_callback_error"),
-                        (h, e.value(py)),
+                        (h, e.into_value(py)), // into_value attaches the traceback
                     )?;
                     Ok(RunOutcome::Done)
                 }
@@ -188,28 +188,26 @@ fn cancel_handle(slf: &Bound<'_, Handle>) -> PyResult<()> {
         }
         (h.loop_ref(py), h.is_timer && h.scheduled)
     };
-    // In debug mode keep a repr so the callback and arguments still show (asyncio).
-    let mut repr = None;
-    if let Some(l) = &loop_ {
-        if notify {
-            if let Ok(native) = l.cast::<EventLoop>() {
-                native.borrow_mut().timer_handle_cancelled();
-            } else {
-                l.call_method1(pyo3::intern!(py, "_timer_handle_cancelled"), (slf,))?;
-            }
+    if let (Some(l), true) = (&loop_, notify) {
+        if let Ok(native) = l.cast::<EventLoop>() {
+            native.borrow_mut().timer_handle_cancelled();
+        } else {
+            l.call_method1(pyo3::intern!(py, "_timer_handle_cancelled"), (slf,))?;
         }
+    }
+    slf.borrow_mut().cancelled = true;
+    // In debug mode keep a repr (which now says "cancelled") so the callback and
+    // arguments still show once they are dropped, as asyncio does.
+    if let Some(l) = &loop_ {
         if l.call_method0(pyo3::intern!(py, "get_debug"))?
             .is_truthy()?
         {
-            repr = Some(py::handle_repr(slf.as_any())?);
+            let repr = py::handle_repr(slf.as_any())?;
+            slf.borrow_mut().repr = Some(repr);
         }
     }
     let (callback, args) = {
         let mut h = slf.borrow_mut();
-        h.cancelled = true;
-        if repr.is_some() {
-            h.repr = repr;
-        }
         (h.callback.take(), h.args.take())
     };
     // Dropped after the borrow ends: their destructors may run Python code.

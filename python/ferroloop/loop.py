@@ -49,8 +49,8 @@ _BORROWED = (
     "call_exception_handler",
     "_set_coroutine_origin_tracking",
     "set_debug",
-    "_run_forever_setup",
-    "_run_forever_cleanup",
+    "_run_forever_setup",  # 3.13+
+    "_run_forever_cleanup",  # 3.13+
 )
 
 
@@ -72,36 +72,39 @@ class Loop(_NativeLoop, asyncio.AbstractEventLoop):
         self._old_agen_hooks = None
         self.set_debug(coroutines._is_debug_mode())
 
-    if not _compat.HAS_RUN_FOREVER_SETUP:
+    if _compat.HAS_RUN_FOREVER_SETUP:
 
-        def _run_forever_setup(self):
+        def run_forever(self):
+            """Run until stop() is called."""
+            try:
+                self._run_forever_setup()
+                self._run_forever_native()
+            finally:
+                self._run_forever_cleanup()
+
+    else:
+        # Before 3.13 the checks run outside the try: a loop that refuses to run
+        # leaves the running loop (another one) registered.
+        def run_forever(self):
+            """Run until stop() is called."""
             self._check_closed()
             self._check_running()
             self._set_coroutine_origin_tracking(self._debug)
-            self._old_agen_hooks = sys.get_asyncgen_hooks()
-            self._thread_id = threading.get_ident()
-            sys.set_asyncgen_hooks(
-                firstiter=self._asyncgen_firstiter_hook,
-                finalizer=self._asyncgen_finalizer_hook,
-            )
-            events._set_running_loop(self)
-
-        def _run_forever_cleanup(self):
-            self._stopping = False
-            self._thread_id = None
-            events._set_running_loop(None)
-            self._set_coroutine_origin_tracking(False)
-            if self._old_agen_hooks is not None:
-                sys.set_asyncgen_hooks(*self._old_agen_hooks)
-                self._old_agen_hooks = None
-
-    def run_forever(self):
-        """Run until stop() is called."""
-        try:
-            self._run_forever_setup()
-            self._run_forever_native()
-        finally:
-            self._run_forever_cleanup()
+            old_agen_hooks = sys.get_asyncgen_hooks()
+            try:
+                self._thread_id = threading.get_ident()
+                sys.set_asyncgen_hooks(
+                    firstiter=self._asyncgen_firstiter_hook,
+                    finalizer=self._asyncgen_finalizer_hook,
+                )
+                events._set_running_loop(self)
+                self._run_forever_native()
+            finally:
+                self._stopping = False
+                self._thread_id = None
+                events._set_running_loop(None)
+                self._set_coroutine_origin_tracking(False)
+                sys.set_asyncgen_hooks(*old_agen_hooks)
 
     def close(self):
         """Close the loop: drop pending callbacks, shut the default executor down.
