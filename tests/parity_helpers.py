@@ -1,0 +1,44 @@
+"""Helpers shared by the parity tests (imported by conftest.py and the test modules)."""
+
+import asyncio
+import os
+
+import pytest
+
+SKIP_NATIVE = os.environ.get("FERROLOOP_SKIP_NATIVE") == "1"
+LOOP_KINDS = ["asyncio"] if SKIP_NATIVE else ["asyncio", "ferroloop"]
+
+# A generous bound for "the loop must not hang": only ever reached when a test fails.
+WATCHDOG = 5.0
+
+
+def import_ferroloop():
+    """Import ferroloop, turning an import failure into a loud test failure."""
+    try:
+        import ferroloop
+    except ImportError as exc:
+        pytest.fail(f"import ferroloop failed: {exc!r}", pytrace=False)
+    return ferroloop
+
+
+def new_loop(kind):
+    """A new, not-running, not-current loop of the given kind."""
+    if kind == "asyncio":
+        # The stock loop: asyncio's default policy, whatever policy is installed now.
+        return asyncio.DefaultEventLoopPolicy().new_event_loop()
+    if kind == "ferroloop":
+        return import_ferroloop().new_event_loop()
+    raise ValueError(kind)
+
+
+def run_briefly(loop, turns=1):
+    """Run the loop for a few turns (like asyncio's test_utils.run_briefly)."""
+    for _ in range(turns):
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+
+
+def run_for(loop, seconds):
+    """Run the loop until a timer fires after ``seconds``."""
+    loop.call_later(seconds, loop.stop)
+    loop.run_forever()
