@@ -52,7 +52,7 @@ test-conformance-extra:  ## the conformance suite on the other CPython versions
 test: test-rust test-parity test-conformance test-conformance-extra  ## build, then run every test
 
 bench: build-dev  ## side-by-side benchmarks: asyncio, uvloop, rloop, ferroloop
-	$(VPY) -m pip install -q uvloop rloop psutil
+	$(VPY) -m pip install -q uvloop rloop matplotlib
 	$(VPY) benchmarks/run.py
 
 demo: build-dev  ## build, then run the task-control walkthrough

@@ -11,7 +11,6 @@ Importing ferroloop changes nothing in asyncio until you ask.
 """
 
 import asyncio as __asyncio
-from asyncio import events as __events
 
 from ._ferroloop import Handle, TimerHandle, __version__
 from .loop import Loop
@@ -33,10 +32,12 @@ def new_event_loop() -> Loop:
     return Loop()
 
 
-class EventLoopPolicy(__events.BaseDefaultEventLoopPolicy):
+class EventLoopPolicy(__asyncio.DefaultEventLoopPolicy):
     """An asyncio event loop policy whose loops are ferroloop loops.
 
-    ``get_event_loop``/``set_event_loop`` behave exactly as with asyncio's default policy.
+    Built on asyncio's default policy for this platform, so ``get_event_loop``,
+    ``set_event_loop`` (and, where the Python has them, the child-watcher methods) behave
+    exactly as with asyncio.
     """
 
     def _loop_factory(self) -> Loop:

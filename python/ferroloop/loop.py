@@ -78,7 +78,7 @@ class Loop(_NativeLoop, asyncio.AbstractEventLoop):
             """Run until stop() is called."""
             try:
                 self._run_forever_setup()
-                self._run_forever_native()
+                self._run_turns()
             finally:
                 self._run_forever_cleanup()
 
@@ -98,13 +98,24 @@ class Loop(_NativeLoop, asyncio.AbstractEventLoop):
                     finalizer=self._asyncgen_finalizer_hook,
                 )
                 events._set_running_loop(self)
-                self._run_forever_native()
+                self._run_turns()
             finally:
                 self._stopping = False
                 self._thread_id = None
                 events._set_running_loop(None)
                 self._set_coroutine_origin_tracking(False)
                 sys.set_asyncgen_hooks(*old_agen_hooks)
+
+    def _run_turns(self):
+        # A subclass or a test may replace _run_once (asyncio calls it once per turn): honour
+        # that, else let the native core run the turns without a Python call per turn.
+        if "_run_once" in self.__dict__ or type(self)._run_once is not _NativeLoop._run_once:
+            while True:
+                self._run_once()
+                if self._stopping:
+                    break
+        else:
+            self._run_forever_native()
 
     def close(self):
         """Close the loop: drop pending callbacks, shut the default executor down.
