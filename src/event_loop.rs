@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use pyo3::exceptions::PyTypeError;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
+use pyo3::types::{PyTuple, PyWeakrefReference};
 
 use crate::errors::{loop_closed, os_error};
 use crate::handles::{run_handle, Handle, RunOutcome};
@@ -43,6 +43,8 @@ pub struct EventLoop {
     sleeping: bool,
     events: Vec<Ready>,
     buf: Option<EventBuf>,
+    /// A weak reference to this loop, shared by every handle (handles hold no strong one).
+    weak_self: Option<Py<PyWeakrefReference>>,
 }
 
 impl EventLoop {
@@ -125,11 +127,22 @@ fn new_handle<'py>(
         py,
         callback.unbind(),
         args.unbind(),
-        Some(slf.as_any()),
+        Some(weak_self(slf)?),
         context.map(Bound::unbind),
         debug,
     )?;
     Handle::create(py, h, when)
+}
+
+/// The loop's weak reference, made once and shared by its handles.
+fn weak_self(slf: &Bound<'_, EventLoop>) -> PyResult<Py<PyWeakrefReference>> {
+    let py = slf.py();
+    if let Some(w) = &slf.borrow().weak_self {
+        return Ok(w.clone_ref(py));
+    }
+    let w = PyWeakrefReference::new(slf.as_any())?.unbind();
+    slf.borrow_mut().weak_self = Some(w.clone_ref(py));
+    Ok(w)
 }
 
 /// Validate and prepare a scheduling call: closed check, then asyncio's debug-mode checks.
@@ -261,10 +274,8 @@ fn run_once(slf: &Bound<'_, EventLoop>) -> PyResult<()> {
         let outcome = if debug {
             run_debug(slf, &h)?
         } else {
-            run_handle(py, &h, Some(slf.as_any()))?
+            run_handle(py, &h, Some(slf.as_any()), false)?
         };
-        let released = h.borrow_mut().release();
-        drop(released);
         if let RunOutcome::Fatal(e) = outcome {
             return Err(e);
         }
@@ -347,13 +358,15 @@ fn run_debug(slf: &Bound<'_, EventLoop>, h: &Bound<'_, Handle>) -> PyResult<RunO
     let py = slf.py();
     slf.setattr(intern!(py, "_current_handle"), h)?;
     let t0 = monotonic();
-    let outcome = run_handle(py, h, Some(slf.as_any()));
+    let outcome = run_handle(py, h, Some(slf.as_any()), true);
     let dt = monotonic() - t0;
     slf.setattr(intern!(py, "_current_handle"), py.None())?;
     let outcome = outcome?;
     if matches!(outcome, RunOutcome::Done) && dt >= slf.borrow().slow_callback_duration {
         slf.call_method1(intern!(py, "_log_slow_callback"), (h, dt))?;
     }
+    let released = h.borrow_mut().release();
+    drop(released);
     Ok(outcome)
 }
 
@@ -376,6 +389,7 @@ impl EventLoop {
             sleeping: false,
             events: Vec::new(),
             buf: None,
+            weak_self: None,
         })
     }
 

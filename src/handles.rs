@@ -15,8 +15,9 @@ use crate::py;
 ///
 /// Handles are not tracked by Python's cycle collector: every `call_soon` allocates one,
 /// and tracking them made the collector a third of a busy loop's time. They can take part
-/// in no cycle: the loop is held through a weak reference, and the callback and arguments
-/// are dropped once a one-shot handle has run or is cancelled.
+/// in no cycle: the loop is held through a weak reference, and the callback, arguments and
+/// context are dropped once a one-shot handle has run or is cancelled (until then the
+/// loop holds the handle, so it is alive anyway).
 #[pyclass(subclass, weakref, module = "ferroloop._ferroloop")]
 pub struct Handle {
     pub callback: Option<Py<PyAny>>,
@@ -42,15 +43,10 @@ impl Handle {
         py: Python<'_>,
         callback: Py<PyAny>,
         args: Py<PyTuple>,
-        loop_: Option<&Bound<'_, PyAny>>,
+        loop_: Option<Py<PyWeakrefReference>>,
         context: Option<Py<PyAny>>,
         debug: bool,
     ) -> PyResult<Handle> {
-        // A basic weak reference is shared by all handles of a loop (CPython reuses it).
-        let loop_ = match loop_ {
-            Some(l) => Some(PyWeakrefReference::new(l)?.unbind()),
-            None => None,
-        };
         let context = match context {
             Some(c) => c,
             // SAFETY: PyContext_CopyCurrent returns a new reference or NULL with an error set.
@@ -90,7 +86,11 @@ impl Handle {
         if self.repeat {
             return None;
         }
-        Some((self.callback.take(), self.args.take()))
+        Some(self.take_all())
+    }
+
+    fn take_all(&mut self) -> Released {
+        (self.callback.take(), self.args.take(), self.context.take())
     }
 
     pub fn create(py: Python<'_>, mut h: Handle, when: Option<f64>) -> PyResult<Bound<'_, Handle>> {
@@ -111,8 +111,8 @@ impl Handle {
     }
 }
 
-/// A handle's callback and arguments, taken out to be dropped outside any borrow.
-pub type Released = (Option<Py<PyAny>>, Option<Py<PyTuple>>);
+/// A handle's callback, arguments and context, taken out to be dropped outside any borrow.
+pub type Released = (Option<Py<PyAny>>, Option<Py<PyTuple>>, Option<Py<PyAny>>);
 
 /// What running a handle produced, as asyncio's `Handle._run` sees it.
 pub enum RunOutcome {
@@ -123,18 +123,33 @@ pub enum RunOutcome {
 
 /// Run `h` inside its context. Exceptions other than KeyboardInterrupt/SystemExit go to
 /// the loop's exception handler (asyncio's `Handle._run`).
+///
+/// A one-shot handle gives up its callback and arguments as it runs, unless `keep` (debug
+/// mode, which still formats the handle afterwards, and `Handle._run()`); they are put
+/// back if the callback raises, so the error report can show them.
 pub fn run_handle(
     py: Python<'_>,
     h: &Bound<'_, Handle>,
     loop_: Option<&Bound<'_, PyAny>>,
+    keep: bool,
 ) -> PyResult<RunOutcome> {
-    let (callback, args, context) = {
-        let b = h.borrow();
+    let (callback, args, context, taken) = {
+        let mut b = h.borrow_mut();
         if b.cancelled {
             return Ok(RunOutcome::Done);
         }
-        match (&b.callback, &b.args, &b.context) {
-            (Some(c), Some(a), Some(x)) => (c.clone_ref(py), a.clone_ref(py), x.clone_ref(py)),
+        let taken = !keep && !b.repeat;
+        let parts = if taken {
+            b.take_all()
+        } else {
+            (
+                b.callback.as_ref().map(|c| c.clone_ref(py)),
+                b.args.as_ref().map(|a| a.clone_ref(py)),
+                b.context.as_ref().map(|c| c.clone_ref(py)),
+            )
+        };
+        match parts {
+            (Some(c), Some(a), Some(x)) => (c, a, x, taken),
             _ => return Ok(RunOutcome::Done),
         }
     };
@@ -151,32 +166,37 @@ pub fn run_handle(
             r.map(|_| ())
         }
     };
-    match result {
-        Ok(()) => Ok(RunOutcome::Done),
-        Err(e)
-            if e.is_instance_of::<PyKeyboardInterrupt>(py)
-                || e.is_instance_of::<PySystemExit>(py) =>
-        {
-            Ok(RunOutcome::Fatal(e))
-        }
-        Err(e) => {
-            let loop_ = match loop_ {
-                Some(l) => Some(l.clone()),
-                None => h.borrow().loop_ref(py),
-            };
-            match loop_ {
-                Some(l) => {
-                    l.call_method1(
-                        pyo3::intern!(py, "_report_callback_error"),
-                        (h, e.into_value(py)), // into_value attaches the traceback
-                    )?;
-                    Ok(RunOutcome::Done)
-                }
-                // The loop is gone: nobody to report to, so the caller gets the error.
-                None => Err(e),
-            }
-        }
+    let Err(e) = result else {
+        // callback and args are dropped here, outside any borrow.
+        return Ok(RunOutcome::Done);
+    };
+    if taken {
+        let mut b = h.borrow_mut();
+        b.callback = Some(callback);
+        b.args = Some(args);
+        b.context = Some(context);
     }
+    if e.is_instance_of::<PyKeyboardInterrupt>(py) || e.is_instance_of::<PySystemExit>(py) {
+        return Ok(RunOutcome::Fatal(e));
+    }
+    let loop_ = match loop_ {
+        Some(l) => Some(l.clone()),
+        None => h.borrow().loop_ref(py),
+    };
+    let Some(l) = loop_ else {
+        // The loop is gone: nobody to report to, so the caller gets the error.
+        return Err(e);
+    };
+    // into_value attaches the traceback to the exception object.
+    l.call_method1(
+        pyo3::intern!(py, "_report_callback_error"),
+        (h, e.into_value(py)),
+    )?;
+    if taken {
+        let released = h.borrow_mut().release();
+        drop(released);
+    }
+    Ok(RunOutcome::Done)
 }
 
 fn cancel_handle(slf: &Bound<'_, Handle>) -> PyResult<()> {
@@ -206,12 +226,9 @@ fn cancel_handle(slf: &Bound<'_, Handle>) -> PyResult<()> {
             slf.borrow_mut().repr = Some(repr);
         }
     }
-    let (callback, args) = {
-        let mut h = slf.borrow_mut();
-        (h.callback.take(), h.args.take())
-    };
     // Dropped after the borrow ends: their destructors may run Python code.
-    drop((callback, args));
+    let released = slf.borrow_mut().take_all();
+    drop(released);
     Ok(())
 }
 
@@ -232,7 +249,7 @@ impl Handle {
 
     /// Run the callback now (asyncio's private `Handle._run`).
     fn _run(slf: &Bound<'_, Self>) -> PyResult<()> {
-        match run_handle(slf.py(), slf, None)? {
+        match run_handle(slf.py(), slf, None, true)? {
             RunOutcome::Done => Ok(()),
             RunOutcome::Fatal(e) => Err(e),
         }

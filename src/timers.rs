@@ -96,12 +96,24 @@ impl<T> TimerHeap<T> {
     }
 
     pub fn pop(&mut self) -> Option<(f64, T)> {
-        self.heap.pop().map(|e| (e.when, e.item))
+        let e = self.heap.pop()?;
+        self.shrink();
+        Some((e.when, e.item))
     }
 
     /// Keep only the items for which `keep` is true (asyncio's purge of cancelled timers).
     pub fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
         self.heap.retain(|e| keep(&e.item));
+        self.shrink();
+    }
+
+    /// Give memory back after a burst of timers has fired or been purged (a Python list
+    /// shrinks the same way), so a past peak does not stay allocated.
+    fn shrink(&mut self) {
+        let (len, cap) = (self.heap.len(), self.heap.capacity());
+        if cap > 1024 && len < cap / 4 {
+            self.heap.shrink_to(len * 2);
+        }
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &T> {
@@ -150,6 +162,23 @@ mod tests {
         assert_eq!(h.peek().map(|(w, x)| (w, *x)), Some((0.0, 0)));
         let order: Vec<_> = std::iter::from_fn(|| h.pop().map(|(_, x)| x)).collect();
         assert_eq!(order, vec![0, 2, 4, 6, 8]);
+    }
+
+    #[test]
+    fn capacity_follows_a_burst_down() {
+        let mut h = TimerHeap::new();
+        for i in 0..100_000 {
+            h.push(i as f64, i);
+        }
+        h.retain(|x| *x < 10);
+        assert!(h.heap.capacity() < 1000);
+        for i in 0..100_000 {
+            h.push(i as f64, i);
+        }
+        while h.len() > 5 {
+            h.pop();
+        }
+        assert!(h.heap.capacity() < 2048);
     }
 
     #[test]
