@@ -120,16 +120,16 @@ fn new_handle<'py>(
     args: Bound<'py, PyTuple>,
     context: Option<Bound<'py, PyAny>>,
     when: Option<f64>,
-    debug: bool,
+    pre: Prechecked,
 ) -> PyResult<Bound<'py, Handle>> {
     let py = slf.py();
     let h = Handle::new(
         py,
         callback.unbind(),
         args.unbind(),
-        Some(weak_self(slf)?),
+        Some(pre.weak),
         context.map(Bound::unbind),
-        debug,
+        pre.debug,
     )?;
     Handle::create(py, h, when)
 }
@@ -151,11 +151,15 @@ fn precheck(
     callback: &Bound<'_, PyAny>,
     method: &str,
     check_thread: bool,
-) -> PyResult<bool> {
-    let debug = {
+) -> PyResult<Prechecked> {
+    let (debug, weak) = {
         let s = slf.borrow();
         s.check_closed()?;
-        s.debug
+        (s.debug, s.weak_self.as_ref().map(|w| w.clone_ref(slf.py())))
+    };
+    let weak = match weak {
+        Some(w) => w,
+        None => weak_self(slf)?,
     };
     if debug {
         if check_thread {
@@ -165,7 +169,13 @@ fn precheck(
     } else {
         check_callable(slf, callback, method)?;
     }
-    Ok(debug)
+    Ok(Prechecked { debug, weak })
+}
+
+/// What a scheduling call learnt from the loop in its one borrow.
+struct Prechecked {
+    debug: bool,
+    weak: Py<PyWeakrefReference>,
 }
 
 fn schedule_at<'py>(
@@ -176,8 +186,8 @@ fn schedule_at<'py>(
     context: Option<Bound<'py, PyAny>>,
     method: &str,
 ) -> PyResult<Bound<'py, Handle>> {
-    let debug = precheck(slf, &callback, method, true)?;
-    let h = new_handle(slf, callback, args, context, Some(when), debug)?;
+    let pre = precheck(slf, &callback, method, true)?;
+    let h = new_handle(slf, callback, args, context, Some(when), pre)?;
     h.borrow_mut().scheduled = true;
     slf.borrow_mut().timers.push(when, h.clone().unbind());
     Ok(h)
@@ -196,7 +206,12 @@ fn set_io<'py>(
         s.debug
     };
     let fd = py::fileobj_to_fd(fd)?;
-    let h = new_handle(slf, callback, args, None, None, debug)?;
+    // asyncio's _add_reader checks nothing about the callback.
+    let pre = Prechecked {
+        debug,
+        weak: weak_self(slf)?,
+    };
+    let h = new_handle(slf, callback, args, None, None, pre)?;
     h.borrow_mut().repeat = true;
     let old = slf
         .borrow_mut()
@@ -225,13 +240,46 @@ fn unset_io(slf: &Bound<'_, EventLoop>, fd: &Bound<'_, PyAny>, write: bool) -> P
     }
 }
 
+/// `loop.call_soon(callback, *args, context=None)`: run `callback(*args)` in the next turn
+/// (FIFO). Exposed through a hand-written fast-call entry point (`fastcall.rs`).
+pub fn call_soon<'py>(
+    slf: &Bound<'py, EventLoop>,
+    callback: Bound<'py, PyAny>,
+    args: Bound<'py, PyTuple>,
+    context: Option<Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, Handle>> {
+    let pre = precheck(slf, &callback, "call_soon", true)?;
+    let h = new_handle(slf, callback, args, context, None, pre)?;
+    slf.borrow_mut().ready.push_back(h.clone().unbind());
+    Ok(h)
+}
+
+/// `loop.call_soon_threadsafe(...)`: `call_soon` from any thread; wakes a sleeping loop.
+pub fn call_soon_threadsafe<'py>(
+    slf: &Bound<'py, EventLoop>,
+    callback: Bound<'py, PyAny>,
+    args: Bound<'py, PyTuple>,
+    context: Option<Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, Handle>> {
+    let pre = precheck(slf, &callback, "call_soon_threadsafe", false)?;
+    let h = new_handle(slf, callback, args, context, None, pre)?;
+    let mut s = slf.borrow_mut();
+    s.ready.push_back(h.clone().unbind());
+    if s.sleeping {
+        // One write is enough: the eventfd stays readable until the loop drains it.
+        s.sleeping = false;
+        Reactor::<Py<Handle>>::wake(s.reactor.waker_fd());
+    }
+    Ok(h)
+}
+
 /// One loop turn (asyncio's `_run_once`): poll, collect ready I/O and due timers, then run
 /// exactly the handles that were ready at that point.
 fn run_once(slf: &Bound<'_, EventLoop>) -> PyResult<()> {
     let py = slf.py();
     let (timeout_ms, removed) = {
         let mut s = slf.borrow_mut();
-        let removed = s.purge_cancelled_timers(py);
+        let removed = (!s.timers.is_empty()).then(|| s.purge_cancelled_timers(py));
         let timeout_ms: i32 = if !s.ready.is_empty() || s.stopping {
             0
         } else if let Some((when, _)) = s.timers.peek() {
@@ -396,40 +444,6 @@ impl EventLoop {
     /// `time.monotonic()`: the loop's clock.
     fn time(&self) -> f64 {
         monotonic()
-    }
-
-    /// Schedule `callback(*args)` for the next loop turn (FIFO).
-    #[pyo3(signature = (callback, *args, context=None))]
-    fn call_soon<'py>(
-        slf: &Bound<'py, Self>,
-        callback: Bound<'py, PyAny>,
-        args: Bound<'py, PyTuple>,
-        context: Option<Bound<'py, PyAny>>,
-    ) -> PyResult<Bound<'py, Handle>> {
-        let debug = precheck(slf, &callback, "call_soon", true)?;
-        let h = new_handle(slf, callback, args, context, None, debug)?;
-        slf.borrow_mut().ready.push_back(h.clone().unbind());
-        Ok(h)
-    }
-
-    /// `call_soon` that is safe from any thread: wakes the loop if it sleeps.
-    #[pyo3(signature = (callback, *args, context=None))]
-    fn call_soon_threadsafe<'py>(
-        slf: &Bound<'py, Self>,
-        callback: Bound<'py, PyAny>,
-        args: Bound<'py, PyTuple>,
-        context: Option<Bound<'py, PyAny>>,
-    ) -> PyResult<Bound<'py, Handle>> {
-        let debug = precheck(slf, &callback, "call_soon_threadsafe", false)?;
-        let h = new_handle(slf, callback, args, context, None, debug)?;
-        let mut s = slf.borrow_mut();
-        s.ready.push_back(h.clone().unbind());
-        if s.sleeping {
-            // One write is enough: the eventfd stays readable until the loop drains it.
-            s.sleeping = false;
-            Reactor::<Py<Handle>>::wake(s.reactor.waker_fd());
-        }
-        Ok(h)
     }
 
     /// Schedule `callback(*args)` after `delay` seconds.

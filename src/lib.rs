@@ -4,6 +4,7 @@ use pyo3::prelude::*;
 
 mod errors;
 mod event_loop;
+mod fastcall;
 mod handles;
 mod py;
 mod reactor;
@@ -15,5 +16,6 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<event_loop::EventLoop>()?;
     m.add_class::<handles::Handle>()?;
     m.add_class::<handles::TimerHandle>()?;
+    fastcall::install(m.py())?;
     Ok(())
 }
