@@ -97,6 +97,19 @@ impl EventLoop {
     }
 }
 
+/// `_io_key`'s answer: (selectors event mask, reader, writer).
+type IoKey = (u8, Option<Py<Handle>>, Option<Py<Handle>>);
+
+fn accept_empty(value: &Bound<'_, PyAny>, name: &str) -> PyResult<()> {
+    if value.len()? == 0 {
+        Ok(())
+    } else {
+        Err(PyTypeError::new_err(format!(
+            "{name} is the native loop's own queue and cannot be replaced"
+        )))
+    }
+}
+
 /// Checks asyncio makes on every callback it is handed (debug mode adds more, in Python).
 fn check_callable(
     slf: &Bound<'_, EventLoop>,
@@ -551,17 +564,8 @@ impl EventLoop {
         drop(dropped);
     }
 
-    /// Call `callback(*args)` whenever `fd` is readable (level-triggered).
-    #[pyo3(signature = (fd, callback, *args))]
-    fn add_reader<'py>(
-        slf: &Bound<'py, Self>,
-        fd: &Bound<'py, PyAny>,
-        callback: Bound<'py, PyAny>,
-        args: Bound<'py, PyTuple>,
-    ) -> PyResult<()> {
-        set_io(slf, fd, callback, args, false).map(|_| ())
-    }
-
+    /// Call `callback(*args)` whenever `fd` is readable (level-triggered); returns the
+    /// handle. asyncio's public `add_reader` (with its transport check) calls this.
     #[pyo3(signature = (fd, callback, *args))]
     fn _add_reader<'py>(
         slf: &Bound<'py, Self>,
@@ -573,25 +577,11 @@ impl EventLoop {
     }
 
     /// Stop watching `fd` for reading; True if a reader was registered.
-    fn remove_reader(slf: &Bound<'_, Self>, fd: &Bound<'_, PyAny>) -> PyResult<bool> {
-        unset_io(slf, fd, false)
-    }
-
     fn _remove_reader(slf: &Bound<'_, Self>, fd: &Bound<'_, PyAny>) -> PyResult<bool> {
         unset_io(slf, fd, false)
     }
 
     /// Call `callback(*args)` whenever `fd` is writable (level-triggered).
-    #[pyo3(signature = (fd, callback, *args))]
-    fn add_writer<'py>(
-        slf: &Bound<'py, Self>,
-        fd: &Bound<'py, PyAny>,
-        callback: Bound<'py, PyAny>,
-        args: Bound<'py, PyTuple>,
-    ) -> PyResult<()> {
-        set_io(slf, fd, callback, args, true).map(|_| ())
-    }
-
     #[pyo3(signature = (fd, callback, *args))]
     fn _add_writer<'py>(
         slf: &Bound<'py, Self>,
@@ -603,10 +593,6 @@ impl EventLoop {
     }
 
     /// Stop watching `fd` for writing; True if a writer was registered.
-    fn remove_writer(slf: &Bound<'_, Self>, fd: &Bound<'_, PyAny>) -> PyResult<bool> {
-        unset_io(slf, fd, true)
-    }
-
     fn _remove_writer(slf: &Bound<'_, Self>, fd: &Bound<'_, PyAny>) -> PyResult<bool> {
         unset_io(slf, fd, true)
     }
@@ -624,6 +610,11 @@ impl EventLoop {
     #[getter]
     fn _closed(&self) -> bool {
         self.closed
+    }
+
+    #[setter(_closed)]
+    fn set_closed(&mut self, value: bool) {
+        self.closed = value;
     }
 
     #[getter]
@@ -662,9 +653,19 @@ impl EventLoop {
         self.clock_resolution
     }
 
+    #[setter(_clock_resolution)]
+    fn set_clock_resolution(&mut self, value: f64) {
+        self.clock_resolution = value;
+    }
+
     #[getter]
     fn _timer_cancelled_count(&self) -> usize {
         self.timer_cancelled_count
+    }
+
+    #[setter(_timer_cancelled_count)]
+    fn set_timer_cancelled_count(&mut self, value: usize) {
+        self.timer_cancelled_count = value;
     }
 
     /// The scheduled timers, earliest first (asyncio exposes its heap as `_scheduled`).
@@ -677,5 +678,31 @@ impl EventLoop {
     #[getter]
     fn _ready(&self, py: Python<'_>) -> Vec<Py<Handle>> {
         self.ready.iter().map(|h| h.clone_ref(py)).collect()
+    }
+
+    /// `BaseEventLoop.__init__` assigns empty `_ready`/`_scheduled` containers: the native
+    /// queues are the real ones, so only an empty value is accepted (and ignored).
+    #[setter(_ready)]
+    fn set_ready(&mut self, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        accept_empty(value, "_ready")
+    }
+
+    #[setter(_scheduled)]
+    fn set_scheduled(&mut self, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        accept_empty(value, "_scheduled")
+    }
+
+    /// What is registered for `fd`: (selectors event mask, reader, writer); KeyError if
+    /// nothing is (asyncio's `selector.get_key`, for transport reprs).
+    fn _io_key(&self, py: Python<'_>, fd: i32) -> PyResult<IoKey> {
+        let Some(reg) = self.reactor.get(fd) else {
+            return Err(pyo3::exceptions::PyKeyError::new_err(fd));
+        };
+        let mask = u8::from(reg.reader.is_some()) | (u8::from(reg.writer.is_some()) << 1);
+        Ok((
+            mask,
+            reg.reader.as_ref().map(|h| h.clone_ref(py)),
+            reg.writer.as_ref().map(|h| h.clone_ref(py)),
+        ))
     }
 }

@@ -1,76 +1,80 @@
 """The Python side of ferroloop's event loop: asyncio's long tail over the native core.
 
-The hot paths (ready queue, timers, one loop turn, readiness polling) live in
-``_ferroloop.EventLoop``. The cold paths (argument handling, exception handler,
-executors, async generators) are asyncio's own ``BaseEventLoop`` functions, borrowed by
-reference so that every Python version gets exactly its own asyncio semantics.
+``Loop`` puts the native core (``_ferroloop.EventLoop``: ready queue, timers, one loop
+turn, readiness polling, handles) in front of asyncio's own Unix selector loop in the
+method resolution order. Everything the core does not define (argument handling, the
+exception handler, executors, async generators, sockets, transports, servers, TLS, pipes,
+subprocesses, signals) is asyncio's own code for the running Python version, running on the
+native reactor.
 """
 
-import asyncio
+import selectors
+import socket
 import sys
 import threading
-import time
 import weakref
-from asyncio import base_events, coroutines, events, format_helpers
+from asyncio import base_events, events, unix_events
 
 from . import _compat
 from ._ferroloop import EventLoop as _NativeLoop
-
-_Base = base_events.BaseEventLoop
-
-# Names borrowed unchanged from BaseEventLoop: they touch only attributes and methods
-# that Loop provides (natively or below), never BaseEventLoop's own _ready/_scheduled.
-_BORROWED = (
-    "__repr__",
-    "__del__",
-    "create_future",
-    "create_task",
-    "set_task_factory",
-    "get_task_factory",
-    "_check_closed",
-    "_check_default_executor",
-    "_check_running",
-    "_check_callback",
-    "_check_thread",
-    "_asyncgen_finalizer_hook",
-    "_asyncgen_firstiter_hook",
-    "shutdown_asyncgens",
-    "shutdown_default_executor",
-    "_do_shutdown",
-    "run_until_complete",
-    "run_in_executor",
-    "set_default_executor",
-    "_getaddrinfo_debug",
-    "getaddrinfo",
-    "getnameinfo",
-    "get_exception_handler",
-    "set_exception_handler",
-    "default_exception_handler",
-    "call_exception_handler",
-    "_set_coroutine_origin_tracking",
-    "set_debug",
-    "_run_forever_setup",  # 3.13+
-    "_run_forever_cleanup",  # 3.13+
-)
+from ._ferroloop import Handle as _NativeHandle
 
 
-class Loop(_NativeLoop, asyncio.AbstractEventLoop):
+class EpollReactor:
+    """What asyncio's code reads of ``loop._selector``: ``get_key`` (for transport reprs).
+
+    ferroloop polls natively (level-triggered epoll, as asyncio's selectors); this view
+    answers from the native registrations and cannot be used to select.
+    """
+
+    def __init__(self, loop):
+        self._loop = weakref.ref(loop)
+
+    def get_key(self, fileobj):
+        fd = selectors._fileobj_to_fd(fileobj)
+        loop = self._loop()
+        if loop is None or loop.is_closed():
+            raise KeyError(f"{fileobj!r} is not registered")
+        mask, reader, writer = loop._io_key(fd)
+        return selectors.SelectorKey(fileobj, fd, mask, (reader, writer))
+
+    def select(self, timeout=None):
+        raise RuntimeError("ferroloop's reactor is native: it cannot be selected from Python")
+
+    def close(self):
+        pass
+
+
+class Loop(_NativeLoop, unix_events.SelectorEventLoop):
     """An asyncio event loop whose core is native (Rust)."""
 
     def __init__(self):
-        # The attributes asyncio's borrowed methods (and CPython's tests) read.
-        self._default_executor = None
-        self._internal_fds = 0
-        self._exception_handler = None
-        self._current_handle = None
-        self._task_factory = None
-        self._coroutine_origin_tracking_enabled = False
-        self._coroutine_origin_tracking_saved_depth = None
-        self._asyncgens = weakref.WeakSet()
-        self._asyncgens_shutdown_called = False
-        self._executor_shutdown_called = False
-        self._old_agen_hooks = None
-        self.set_debug(coroutines._is_debug_mode())
+        # asyncio's own constructor chain sets every attribute its methods (and CPython's
+        # tests) read, for this Python version; the native core owns the queues.
+        super().__init__(selector=EpollReactor(self))
+
+    def _make_self_pipe(self):
+        # asyncio's self-pipe carries signal numbers (signal.set_wakeup_fd); thread wake-ups
+        # use the native eventfd. It is watched once a signal handler exists, so that busy
+        # turns without I/O need no poll.
+        self._ssock, self._csock = socket.socketpair()
+        self._ssock.setblocking(False)
+        self._csock.setblocking(False)
+        self._internal_fds += 1
+        self._self_pipe_watched = False
+
+    def add_signal_handler(self, sig, callback, *args):
+        if self._ssock is not None and not self._self_pipe_watched:
+            self._add_reader(self._ssock.fileno(), self._read_from_self)
+            self._self_pipe_watched = True
+        return super().add_signal_handler(sig, callback, *args)
+
+    def _add_callback(self, handle):
+        if isinstance(handle, _NativeHandle):
+            _NativeLoop._add_callback(self, handle)
+        elif not handle._cancelled:
+            # An asyncio Handle (signal handlers): run it as asyncio would, in its context.
+            self.call_soon(handle._run)
 
     if _compat.HAS_RUN_FOREVER_SETUP:
 
@@ -118,22 +122,10 @@ class Loop(_NativeLoop, asyncio.AbstractEventLoop):
             self._run_forever_native()
 
     def close(self):
-        """Close the loop: drop pending callbacks, shut the default executor down.
-
-        The loop must not be running. Pending callbacks are lost. Idempotent.
-        """
-        if self.is_running():
-            raise RuntimeError("Cannot close a running event loop")
-        if self.is_closed():
-            return
-        if self._debug:
-            base_events.logger.debug("Close %r", self)
+        """Close the loop: asyncio's close (self-pipe, executor, signal handlers), then
+        drop the native queues and close the poller. Idempotent."""
+        super().close()
         self._close_native()
-        self._executor_shutdown_called = True
-        executor = self._default_executor
-        if executor is not None:
-            self._default_executor = None
-            executor.shutdown(wait=False)
 
     def _report_callback_error(self, handle, exc):
         # Called by the native core when a callback raises (asyncio's Handle._run).
@@ -151,15 +143,3 @@ class Loop(_NativeLoop, asyncio.AbstractEventLoop):
         base_events.logger.warning(
             "Executing %s took %.3f seconds", base_events._format_handle(handle), dt
         )
-
-
-for _name in _BORROWED:
-    if _name in Loop.__dict__:
-        continue
-    if hasattr(_Base, _name):
-        setattr(Loop, _name, getattr(_Base, _name))
-del _name
-
-# Used by the native core in debug mode to capture where a handle was created.
-_extract_stack = format_helpers.extract_stack
-_monotonic = time.monotonic

@@ -49,7 +49,17 @@ MODULES = [
     "test_events",
     "test_base_events",
     "test_threads",
-    # later: "test_sock_lowlevel", "test_server", "test_streams", "test_subprocess", ...
+    "test_sock_lowlevel",
+    "test_server",
+    "test_streams",
+    "test_buffered_proto",
+    "test_protocols",
+    "test_sendfile",
+    "test_ssl",
+    "test_sslproto",
+    "test_subprocess",
+    "test_unix_events",
+    "test_transports",
 ]
 
 HERE = Path(__file__).resolve().parent
