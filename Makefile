@@ -16,9 +16,15 @@ help:  ## list the targets
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q "maturin>=1.5,<2" pytest ruff httpx
+	$(VPY) -m pip install -q "maturin>=1.5,<2" pytest ruff
 
-install: $(VPY)  ## create .venv with maturin, pytest, ruff, httpx
+# The libraries the demo and the end-to-end tests use (main venv only), reinstalled when
+# the list changes.
+$(VENV)/.test-deps: tests/requirements-libraries.txt | $(VPY)
+	$(VPY) -m pip install -q -r tests/requirements-libraries.txt
+	touch $@
+
+install: $(VPY)  ## create .venv with maturin, pytest, ruff
 
 build-dev: install  ## build the native module into .venv (release profile)
 	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release -q
@@ -36,7 +42,7 @@ fmt: install  ## format Rust and Python sources
 test-rust:  ## Rust unit tests
 	cargo test -q --lib
 
-test-parity: build-dev  ## behaviour tests, each on asyncio and on ferroloop
+test-parity: build-dev $(VENV)/.test-deps  ## behaviour tests, each on asyncio and on ferroloop
 	$(VPY) -m pytest -q -p no:cacheprovider tests --ignore=tests/conformance
 
 test-conformance: build-dev  ## CPython's test_asyncio against ferroloop (main Python)
@@ -55,7 +61,7 @@ bench: build-dev  ## side-by-side benchmarks: asyncio, uvloop, rloop, ferroloop
 	$(VPY) -m pip install -q uvloop rloop matplotlib
 	$(VPY) benchmarks/run.py
 
-demo: build-dev  ## build, then run the task-control walkthrough
+demo: build-dev $(VENV)/.test-deps  ## build, then run the task-control walkthrough
 	$(VPY) examples/task_control.py
 
 clean:  ## remove build outputs and virtualenvs
