@@ -8,6 +8,7 @@ mod fastcall;
 mod handles;
 mod py;
 mod reactor;
+mod sockets;
 mod timers;
 
 #[pymodule]
@@ -16,6 +17,7 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<event_loop::EventLoop>()?;
     m.add_class::<handles::Handle>()?;
     m.add_class::<handles::TimerHandle>()?;
+    m.add_function(wrap_pyfunction!(sockets::recv, m)?)?;
     fastcall::install(m.py())?;
     Ok(())
 }

@@ -6,6 +6,7 @@ Use it like uvloop::
     ferroloop.run(main())                      # like asyncio.run, on a ferroloop loop
     ferroloop.install()                        # make asyncio create ferroloop loops
     asyncio.Runner(loop_factory=ferroloop.new_event_loop)
+    ferroloop.allow_nested(loop)               # allow nested run_until_complete on it
 
 Importing ferroloop changes nothing in asyncio until you ask.
 """
@@ -14,6 +15,7 @@ import asyncio as __asyncio
 
 from ._ferroloop import Handle, TimerHandle, __version__
 from .loop import Loop
+from .nested import allow_nested
 
 __all__ = (
     "EventLoopPolicy",
@@ -21,6 +23,7 @@ __all__ = (
     "Loop",
     "TimerHandle",
     "__version__",
+    "allow_nested",
     "install",
     "new_event_loop",
     "run",

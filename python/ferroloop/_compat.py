@@ -7,7 +7,7 @@ decided below.
 
 import inspect
 import sys
-from asyncio import base_events, format_helpers
+from asyncio import base_events, format_helpers, tasks
 
 PY312 = sys.version_info >= (3, 12)
 PY313 = sys.version_info >= (3, 13)
@@ -22,6 +22,10 @@ FORMAT_CALLBACK_TAKES_DEBUG = (
     "debug" in inspect.signature(format_helpers._format_callback_source).parameters
 )
 
+# `python -P` / PYTHONSAFEPATH (3.11+): the interpreter puts no script directory on sys.path,
+# so `python -m ferroloop` must not either.
+SAFE_PATH = bool(getattr(sys.flags, "safe_path", False))
+
 # asyncio.Runner (3.11+) carries asyncio.run's contract; older versions inline it.
 HAS_RUNNER = sys.version_info >= (3, 11)
 
@@ -33,3 +37,29 @@ def format_callback_source(callback, args, loop):
             callback, args, debug=loop is not None and loop.get_debug()
         )
     return format_helpers._format_callback_source(callback, args)
+
+
+# asyncio.tasks._swap_current_task (3.12+) sets a loop's current task and returns the
+# previous one; 3.11 keeps the current tasks in a dict (the C module's own).
+if hasattr(tasks, "_swap_current_task"):
+
+    def swap_current_task(loop, task):
+        """Make ``task`` (or no task) ``loop``'s current task; return the previous one."""
+        if task is None and tasks.current_task(loop) is None:
+            return None  # 3.12's C version raises KeyError when there is nothing to unset
+        return tasks._swap_current_task(loop, task)
+
+else:
+
+    def swap_current_task(loop, task):
+        """Make ``task`` (or no task) ``loop``'s current task; return the previous one."""
+        if task is None:
+            return tasks._current_tasks.pop(loop, None)
+        previous = tasks._current_tasks.get(loop)
+        tasks._current_tasks[loop] = task
+        return previous
+
+
+# 3.12 made _make_socket_transport/_make_datagram_transport refuse an fd that another
+# transport still uses (_ensure_fd_no_transport).
+MAKE_TRANSPORT_CHECKS_FD = sys.version_info >= (3, 12)

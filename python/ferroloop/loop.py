@@ -15,7 +15,8 @@ import threading
 import weakref
 from asyncio import base_events, events, unix_events
 
-from . import _compat
+from . import _compat, transports
+from . import nested as _nested
 from ._ferroloop import EventLoop as _NativeLoop
 from ._ferroloop import Handle as _NativeHandle
 
@@ -45,8 +46,12 @@ class EpollReactor:
         pass
 
 
-class Loop(_NativeLoop, unix_events.SelectorEventLoop):
+class Loop(_NativeLoop, unix_events.SelectorEventLoop, metaclass=_nested.LoopType):
     """An asyncio event loop whose core is native (Rust)."""
+
+    # Nested runs (nested.py): ferroloop.allow_nested(loop) sets this on a loop; the
+    # metaclass makes nest_asyncio's patch of the class work on the native core.
+    _nested_runs = False
 
     def __init__(self):
         # asyncio's own constructor chain sets every attribute its methods (and CPython's
@@ -69,6 +74,16 @@ class Loop(_NativeLoop, unix_events.SelectorEventLoop):
             self._self_pipe_watched = True
         return super().add_signal_handler(sig, callback, *args)
 
+    def _make_socket_transport(self, sock, protocol, waiter=None, *, extra=None, server=None):
+        if _compat.MAKE_TRANSPORT_CHECKS_FD:
+            self._ensure_fd_no_transport(sock)
+        return transports.SocketTransport(self, sock, protocol, waiter, extra, server)
+
+    def _make_datagram_transport(self, sock, protocol, address=None, waiter=None, extra=None):
+        if _compat.MAKE_TRANSPORT_CHECKS_FD:
+            self._ensure_fd_no_transport(sock)
+        return transports.DatagramTransport(self, sock, protocol, address, waiter, extra)
+
     def _add_callback(self, handle):
         if isinstance(handle, _NativeHandle):
             _NativeLoop._add_callback(self, handle)
@@ -76,10 +91,18 @@ class Loop(_NativeLoop, unix_events.SelectorEventLoop):
             # An asyncio Handle (signal handlers): run it as asyncio would, in its context.
             self.call_soon(handle._run)
 
+    def run_until_complete(self, future):
+        """Run until the future (or coroutine) is done; return its result."""
+        if self._nested_runs and _nested.reentrant(self):  # allow_nested: a nested run
+            return _nested.run_until_complete(self, future)
+        return super().run_until_complete(future)
+
     if _compat.HAS_RUN_FOREVER_SETUP:
 
         def run_forever(self):
             """Run until stop() is called."""
+            if self._nested_runs and _nested.reentrant(self):  # allow_nested: a nested run
+                return _nested.run_forever(self)
             try:
                 self._run_forever_setup()
                 self._run_turns()
@@ -91,6 +114,8 @@ class Loop(_NativeLoop, unix_events.SelectorEventLoop):
         # leaves the running loop (another one) registered.
         def run_forever(self):
             """Run until stop() is called."""
+            if self._nested_runs and _nested.reentrant(self):  # allow_nested: a nested run
+                return _nested.run_forever(self)
             self._check_closed()
             self._check_running()
             self._set_coroutine_origin_tracking(self._debug)
