@@ -286,6 +286,39 @@ pub fn call_soon_threadsafe<'py>(
     Ok(h)
 }
 
+/// `loop.call_later(delay, callback, *args, context=None)`: run `callback(*args)` after
+/// `delay` seconds. Exposed through `fastcall.rs`.
+pub fn call_later<'py>(
+    slf: &Bound<'py, EventLoop>,
+    delay: Bound<'py, PyAny>,
+    callback: Bound<'py, PyAny>,
+    args: Bound<'py, PyTuple>,
+    context: Option<Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, Handle>> {
+    if delay.is_none() {
+        return Err(PyTypeError::new_err("delay must not be None"));
+    }
+    let delay: f64 = delay.extract()?;
+    // asyncio's call_later goes through call_at: its errors name call_at.
+    schedule_at(slf, monotonic() + delay, callback, args, context, "call_at")
+}
+
+/// `loop.call_at(when, callback, *args, context=None)`: run `callback(*args)` at `when` on
+/// `loop.time()`'s clock. Exposed through `fastcall.rs`.
+pub fn call_at<'py>(
+    slf: &Bound<'py, EventLoop>,
+    when: Bound<'py, PyAny>,
+    callback: Bound<'py, PyAny>,
+    args: Bound<'py, PyTuple>,
+    context: Option<Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, Handle>> {
+    if when.is_none() {
+        return Err(PyTypeError::new_err("when cannot be None"));
+    }
+    let when: f64 = when.extract()?;
+    schedule_at(slf, when, callback, args, context, "call_at")
+}
+
 /// One loop turn (asyncio's `_run_once`): poll, collect ready I/O and due timers, then run
 /// exactly the handles that were ready at that point.
 fn run_once(slf: &Bound<'_, EventLoop>) -> PyResult<()> {
@@ -457,45 +490,6 @@ impl EventLoop {
     /// `time.monotonic()`: the loop's clock.
     fn time(&self) -> f64 {
         monotonic()
-    }
-
-    /// Schedule `callback(*args)` after `delay` seconds.
-    #[pyo3(signature = (delay, callback, *args, context=None))]
-    fn call_later<'py>(
-        slf: &Bound<'py, Self>,
-        delay: &Bound<'py, PyAny>,
-        callback: Bound<'py, PyAny>,
-        args: Bound<'py, PyTuple>,
-        context: Option<Bound<'py, PyAny>>,
-    ) -> PyResult<Bound<'py, Handle>> {
-        if delay.is_none() {
-            return Err(PyTypeError::new_err("delay must not be None"));
-        }
-        let delay: f64 = delay.extract()?;
-        schedule_at(
-            slf,
-            monotonic() + delay,
-            callback,
-            args,
-            context,
-            "call_at", // asyncio's call_later goes through call_at: errors name it
-        )
-    }
-
-    /// Schedule `callback(*args)` at `when` on `loop.time()`'s clock.
-    #[pyo3(signature = (when, callback, *args, context=None))]
-    fn call_at<'py>(
-        slf: &Bound<'py, Self>,
-        when: &Bound<'py, PyAny>,
-        callback: Bound<'py, PyAny>,
-        args: Bound<'py, PyTuple>,
-        context: Option<Bound<'py, PyAny>>,
-    ) -> PyResult<Bound<'py, Handle>> {
-        if when.is_none() {
-            return Err(PyTypeError::new_err("when cannot be None"));
-        }
-        let when: f64 = when.extract()?;
-        schedule_at(slf, when, callback, args, context, "call_at")
     }
 
     fn _timer_handle_cancelled(&mut self, handle: &Bound<'_, Handle>) {

@@ -1,6 +1,7 @@
-//! Hand-written `METH_FASTCALL` entry points for the hottest loop methods (`call_soon`,
-//! `call_soon_threadsafe`, called once per task step): PyO3's generic argument handling
-//! cost more than the scheduling itself (measured with callgrind: ~200 instructions a call).
+//! Hand-written `METH_FASTCALL` entry points for the hottest loop methods (`call_soon` and
+//! `call_soon_threadsafe`, called once per task step; `call_later`, `call_at`): PyO3's
+//! generic argument handling cost more than the scheduling itself (measured with callgrind:
+//! ~200 instructions a call).
 
 use std::ffi::{c_char, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -21,14 +22,30 @@ type Body = for<'py> fn(
     Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, Handle>>;
 
-/// Parse `(callback, *args, context=None)` from a vectorcall and run `body`.
+/// `call_later`/`call_at`: a time (delay or deadline) before the callback.
+type TimedBody = for<'py> fn(
+    &Bound<'py, EventLoop>,
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+    Bound<'py, PyTuple>,
+    Option<Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, Handle>>;
+
+/// The native function behind a fast-call method.
+#[derive(Clone, Copy)]
+enum Target {
+    Soon(Body),
+    Timed(TimedBody, &'static str),
+}
+
+/// Parse `([time,] callback, *args, context=None)` from a vectorcall and run the target.
 ///
 /// # Safety
 /// Called by CPython's method descriptor with the GIL held, `slf` an instance of
 /// `EventLoop` (the descriptor checks it), `args[..nargs + len(kwnames)]` valid.
 unsafe fn dispatch(
     name: &str,
-    body: Body,
+    target: Target,
     slf: *mut ffi::PyObject,
     args: *const *mut ffi::PyObject,
     nargsf: ffi::Py_ssize_t,
@@ -39,16 +56,27 @@ unsafe fn dispatch(
         let slf = Bound::from_borrowed_ptr(py, slf);
         let slf = slf.cast::<EventLoop>()?;
         let nargs = ffi::PyVectorcall_NARGS(nargsf as usize) as usize;
-        if nargs == 0 {
-            return Err(PyTypeError::new_err(format!(
-                "{name}() missing 1 required positional argument: 'callback'"
-            )));
+        let lead = match target {
+            Target::Soon(_) => 0,
+            Target::Timed(..) => 1,
+        };
+        if nargs <= lead {
+            let missing = match target {
+                Target::Soon(_) => "1 required positional argument: 'callback'".to_string(),
+                Target::Timed(_, first) if nargs == 0 => {
+                    format!("2 required positional arguments: '{first}' and 'callback'")
+                }
+                Target::Timed(..) => "1 required positional argument: 'callback'".to_string(),
+            };
+            return Err(PyTypeError::new_err(format!("{name}() missing {missing}")));
         }
         let argv = std::slice::from_raw_parts(args, nargs);
-        let callback = Bound::from_borrowed_ptr(py, argv[0]);
+        let callback = Bound::from_borrowed_ptr(py, argv[lead]);
         let rest = PyTuple::new(
             py,
-            argv[1..].iter().map(|p| Bound::from_borrowed_ptr(py, *p)),
+            argv[lead + 1..]
+                .iter()
+                .map(|p| Bound::from_borrowed_ptr(py, *p)),
         )?;
         let mut context = None;
         if !kwnames.is_null() {
@@ -66,7 +94,17 @@ unsafe fn dispatch(
                 context = (!value.is_none()).then_some(value);
             }
         }
-        Ok(body(slf, callback, rest, context)?.into_ptr())
+        let handle = match target {
+            Target::Soon(body) => body(slf, callback, rest, context)?,
+            Target::Timed(body, _) => body(
+                slf,
+                Bound::from_borrowed_ptr(py, argv[0]),
+                callback,
+                rest,
+                context,
+            )?,
+        };
+        Ok(handle.into_ptr())
     }));
     match result {
         Ok(Ok(ptr)) => ptr,
@@ -92,14 +130,8 @@ unsafe extern "C" fn call_soon(
     nargsf: ffi::Py_ssize_t,
     kwnames: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
-    dispatch(
-        "call_soon",
-        event_loop::call_soon,
-        slf,
-        args,
-        nargsf,
-        kwnames,
-    )
+    let target = Target::Soon(event_loop::call_soon);
+    dispatch("call_soon", target, slf, args, nargsf, kwnames)
 }
 
 unsafe extern "C" fn call_soon_threadsafe(
@@ -108,14 +140,28 @@ unsafe extern "C" fn call_soon_threadsafe(
     nargsf: ffi::Py_ssize_t,
     kwnames: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
-    dispatch(
-        "call_soon_threadsafe",
-        event_loop::call_soon_threadsafe,
-        slf,
-        args,
-        nargsf,
-        kwnames,
-    )
+    let target = Target::Soon(event_loop::call_soon_threadsafe);
+    dispatch("call_soon_threadsafe", target, slf, args, nargsf, kwnames)
+}
+
+unsafe extern "C" fn call_later(
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    let target = Target::Timed(event_loop::call_later, "delay");
+    dispatch("call_later", target, slf, args, nargsf, kwnames)
+}
+
+unsafe extern "C" fn call_at(
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    let target = Target::Timed(event_loop::call_at, "when");
+    dispatch("call_at", target, slf, args, nargsf, kwnames)
 }
 
 fn method(
@@ -157,5 +203,19 @@ pub fn install(py: Python<'_>) -> PyResult<()> {
         c"call_soon_threadsafe($self, callback, /, *args, context=None)\n--\n\n\
           Like call_soon(), but safe from any thread: wakes the loop if it sleeps.",
         call_soon_threadsafe,
+    )?;
+    method(
+        &ty,
+        c"call_later",
+        c"call_later($self, delay, callback, /, *args, context=None)\n--\n\n\
+          Arrange for callback(*args) to be called after delay seconds (a TimerHandle).",
+        call_later,
+    )?;
+    method(
+        &ty,
+        c"call_at",
+        c"call_at($self, when, callback, /, *args, context=None)\n--\n\n\
+          Arrange for callback(*args) to be called at loop.time() == when (a TimerHandle).",
+        call_at,
     )
 }

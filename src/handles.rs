@@ -36,7 +36,7 @@ pub struct Handle {
 }
 
 /// A handle that runs at a deadline (`loop.call_at`/`call_later`).
-#[pyclass(extends = Handle, module = "ferroloop._ferroloop")]
+#[pyclass(extends = Handle, freelist = 4096, module = "ferroloop._ferroloop")]
 pub struct TimerHandle;
 
 impl Handle {

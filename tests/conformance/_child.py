@@ -102,39 +102,117 @@ def install_asyncio(tracker):
 # --- per-module adaptations -------------------------------------------------------------
 
 
-def adapt_test_events(module, new_loop):
-    """Replace the stock-loop EventLoopTestsMixin classes with one on the target loop.
+# test_events, test_sock_lowlevel and test_sendfile define one copy of their tests per
+# selector (and the Proactor on Windows), each with a create_event_loop() returning
+# asyncio.SelectorEventLoop(<that selector>). ferroloop has one reactor, so the copies are
+# replaced by one class, FerroloopEventLoopTests (so named with --loop asyncio too, to keep
+# test ids stable), whose create_event_loop() returns a target loop.
+_PER_SELECTOR_CLASSES = (
+    "KqueueEventLoopTests",
+    "EPollEventLoopTests",
+    "PollEventLoopTests",
+    "SelectEventLoopTests",
+    "ProactorEventLoopTests",
+)
 
-    test_events defines SelectEventLoopTests/EPollEventLoopTests/... as
-    ``(UnixEventLoopTestsMixin, SubprocessTestsMixin, test_utils.TestCase)`` with a
-    ``create_event_loop()`` returning a SelectorEventLoop. Ours, FerroloopEventLoopTests (so
-    named with --loop asyncio too, to keep test ids stable), is the same with the target
-    loop, minus UnixEventLoopTestsMixin (it installs a SafeChildWatcher through the policy;
-    ferroloop watches its children itself, and asyncio's own policy defaults to a
-    ThreadedChildWatcher anyway).
-    """
-    for name in (
-        "KqueueEventLoopTests",
-        "EPollEventLoopTests",
-        "PollEventLoopTests",
-        "SelectEventLoopTests",
-        "ProactorEventLoopTests",
-    ):
+
+def _one_class_on_loop(module, new_loop, mixins):
+    """Replace the module's per-selector test classes by FerroloopEventLoopTests."""
+    for name in _PER_SELECTOR_CLASSES:
         if hasattr(module, name):
             delattr(module, name)
-
-    bases = [module.EventLoopTestsMixin]
-    if hasattr(module, "SubprocessTestsMixin"):
-        bases.append(module.SubprocessTestsMixin)
-    bases.append(module.test_utils.TestCase)
 
     def create_event_loop(self):
         return new_loop()
 
-    cls = type("FerroloopEventLoopTests", tuple(bases), {"create_event_loop": create_event_loop})
+    bases = (*mixins, module.test_utils.TestCase)
+    cls = type("FerroloopEventLoopTests", bases, {"create_event_loop": create_event_loop})
     cls.__module__ = module.__name__
     cls.__qualname__ = cls.__name__
     setattr(module, cls.__name__, cls)
+
+
+def _selector_loop_is_target(module, new_loop, *where):
+    """While each ``Class.method`` in `where` runs, asyncio.SelectorEventLoop() is new_loop().
+
+    For test classes whose setUp()/new_loop() build ``asyncio.SelectorEventLoop()`` (no
+    selector argument) and do nothing else loop-specific: CPython's own method still runs,
+    only the loop it builds changes. A class missing in this Python version is skipped; a
+    method that is not the class's own (CPython changed the test) fails loudly.
+    """
+
+    def factory(selector=None):
+        if selector is not None:
+            raise TypeError("conformance adapter: SelectorEventLoop(selector) not expected here")
+        return new_loop()
+
+    for spec in where:
+        cls_name, method = spec.split(".")
+        cls = getattr(module, cls_name, None)
+        if cls is None:
+            continue
+        if method not in cls.__dict__:
+            raise RuntimeError(f"conformance adapter: {module.__name__}.{spec} not found")
+        orig = cls.__dict__[method]
+
+        def wrapper(self, *args, _orig=orig, **kwargs):
+            saved = asyncio.SelectorEventLoop
+            asyncio.SelectorEventLoop = factory
+            try:
+                return _orig(self, *args, **kwargs)
+            finally:
+                asyncio.SelectorEventLoop = saved
+
+        functools.update_wrapper(wrapper, orig)
+        setattr(cls, method, wrapper)
+
+
+def adapt_test_events(module, new_loop):
+    """The per-selector EventLoopTestsMixin classes -> FerroloopEventLoopTests.
+
+    CPython's are ``(UnixEventLoopTestsMixin, SubprocessTestsMixin, test_utils.TestCase)``
+    (UnixEventLoopTestsMixin attaches a SafeChildWatcher to the loop); ours has the same
+    bases.
+    """
+    mixins = [getattr(module, "UnixEventLoopTestsMixin", module.EventLoopTestsMixin)]
+    if hasattr(module, "SubprocessTestsMixin"):
+        mixins.append(module.SubprocessTestsMixin)
+    _one_class_on_loop(module, new_loop, mixins)
+
+
+def adapt_test_sock_lowlevel(module, new_loop):
+    _one_class_on_loop(module, new_loop, [module.BaseSockTestsMixin])
+
+
+def adapt_test_sendfile(module, new_loop):
+    _one_class_on_loop(module, new_loop, [module.SendfileTestsBase])
+
+
+def adapt_test_base_events(module, new_loop):
+    # BaseLoopSockSendfileTests builds a bare BaseSelectorEventLoop() on purpose (it tests
+    # BaseEventLoop's sendfile fallback): left alone.
+    _selector_loop_is_target(module, new_loop, "BaseEventLoopWithSelectorTests.setUp")
+
+
+def adapt_test_server(module, new_loop):
+    _selector_loop_is_target(module, new_loop, "SelectorStartServerTests.new_loop")
+
+
+def adapt_test_buffered_proto(module, new_loop):
+    _selector_loop_is_target(module, new_loop, "BufferedProtocolSelectorTests.new_loop")
+
+
+def adapt_test_sslproto(module, new_loop):
+    _selector_loop_is_target(module, new_loop, "SelectorStartTLSTests.new_loop")
+
+
+def adapt_test_unix_events(module, new_loop):
+    _selector_loop_is_target(
+        module,
+        new_loop,
+        "SelectorEventLoopSignalTests.setUp",
+        "SelectorEventLoopUnixSocketTests.setUp",
+    )
 
 
 def adapt_test_runners(module, new_loop):
@@ -176,6 +254,13 @@ def adapt_test_pep492(module, new_loop):
 # it checks.
 ADAPTERS = {
     "test_events": adapt_test_events,
+    "test_base_events": adapt_test_base_events,
+    "test_sock_lowlevel": adapt_test_sock_lowlevel,
+    "test_sendfile": adapt_test_sendfile,
+    "test_server": adapt_test_server,
+    "test_buffered_proto": adapt_test_buffered_proto,
+    "test_sslproto": adapt_test_sslproto,
+    "test_unix_events": adapt_test_unix_events,
     "test_runners": adapt_test_runners,
     "test_pep492": adapt_test_pep492,
 }

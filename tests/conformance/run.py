@@ -62,6 +62,13 @@ MODULES = [
     "test_transports",
 ]
 
+# Modules that exist only from some CPython version on: (name, (major, minor)).
+MODULES_SINCE = [
+    ("test_eager_task_factory", (3, 12)),
+    ("test_staggered", (3, 13)),
+]
+MODULES += [name for name, since in MODULES_SINCE if sys.version_info[:2] >= since]
+
 HERE = Path(__file__).resolve().parent
 CHILD = HERE / "_child.py"
 EXPECTED = HERE / "expected_failures.txt"
