@@ -5,23 +5,22 @@ use std::collections::BinaryHeap;
 
 /// `time.monotonic()`: CLOCK_MONOTONIC in seconds, the base `loop.time()` shares with Python.
 pub fn monotonic() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+    // SAFETY: clock_gettime only writes the timespec; CLOCK_MONOTONIC always exists.
+    read_clock(|ts| unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, ts) })
 }
 
 /// The resolution of the monotonic clock (asyncio's `_clock_resolution`).
 pub fn monotonic_resolution() -> f64 {
+    // SAFETY: as above, clock_getres only writes the timespec.
+    read_clock(|ts| unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC, ts) })
+}
+
+fn read_clock(call: impl FnOnce(&mut libc::timespec) -> libc::c_int) -> f64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: as above, clock_getres only writes the timespec.
-    unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC, &mut ts) };
+    call(&mut ts);
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
