@@ -51,6 +51,15 @@ fn interest(reg: &Registration<impl Sized>) -> u32 {
     ev
 }
 
+fn ctl(epfd: RawFd, op: libc::c_int, fd: RawFd, events: u32) -> io::Result<()> {
+    let mut ev = libc::epoll_event {
+        events,
+        u64: fd as u64,
+    };
+    // SAFETY: epoll_ctl reads `ev`; an invalid fd is reported as an error, not UB.
+    cvt(unsafe { libc::epoll_ctl(epfd, op, fd, &mut ev) }).map(|_| ())
+}
+
 /// The poll buffer lives outside the Reactor so that polling can run without the GIL
 /// (and without a borrow of the loop) while other threads schedule callbacks.
 pub struct EventBuf(Vec<libc::epoll_event>);
@@ -108,60 +117,53 @@ impl<T> Reactor<T> {
     }
 
     fn ctl(&self, op: libc::c_int, fd: RawFd, events: u32) -> io::Result<()> {
-        let mut ev = libc::epoll_event {
-            events,
-            u64: fd as u64,
-        };
-        // SAFETY: epoll_ctl reads `ev`; an invalid fd is reported as an error, not UB.
-        cvt(unsafe { libc::epoll_ctl(self.epfd, op, fd, &mut ev) }).map(|_| ())
+        ctl(self.epfd, op, fd, events)
     }
 
     /// Set the reader (`write == false`) or writer of `fd`, returning the one it replaces.
     pub fn set(&mut self, fd: RawFd, write: bool, item: T) -> io::Result<Option<T>> {
-        match self.regs.get_mut(&fd) {
-            None => {
-                let reg = if write {
-                    Registration {
-                        reader: None,
-                        writer: Some(item),
-                    }
-                } else {
-                    Registration {
-                        reader: Some(item),
-                        writer: None,
-                    }
-                };
-                self.ctl(libc::EPOLL_CTL_ADD, fd, interest(&reg))?;
-                self.regs.insert(fd, reg);
-                Ok(None)
+        let epfd = self.epfd;
+        let Some(reg) = self.regs.get_mut(&fd) else {
+            let reg = if write {
+                Registration {
+                    reader: None,
+                    writer: Some(item),
+                }
+            } else {
+                Registration {
+                    reader: Some(item),
+                    writer: None,
+                }
+            };
+            ctl(epfd, libc::EPOLL_CTL_ADD, fd, interest(&reg))?;
+            self.regs.insert(fd, reg);
+            return Ok(None);
+        };
+        let slot = if write {
+            &mut reg.writer
+        } else {
+            &mut reg.reader
+        };
+        let old = slot.replace(item);
+        let events = interest(reg);
+        let res = match ctl(epfd, libc::EPOLL_CTL_MOD, fd, events) {
+            // The fd was closed and its number reused: epoll forgot it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                ctl(epfd, libc::EPOLL_CTL_ADD, fd, events)
             }
-            Some(reg) => {
+            other => other,
+        };
+        match res {
+            Ok(()) => Ok(old),
+            Err(e) => {
+                // Leave the registration as it was.
                 let slot = if write {
                     &mut reg.writer
                 } else {
                     &mut reg.reader
                 };
-                let old = slot.replace(item);
-                let events = interest(reg);
-                let res = match self.ctl(libc::EPOLL_CTL_MOD, fd, events) {
-                    // The fd was closed and its number reused: epoll forgot it.
-                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                        self.ctl(libc::EPOLL_CTL_ADD, fd, events)
-                    }
-                    other => other,
-                };
-                if let Err(e) = res {
-                    // Leave the registration as it was.
-                    let reg = self.regs.get_mut(&fd).expect("registration present");
-                    let slot = if write {
-                        &mut reg.writer
-                    } else {
-                        &mut reg.reader
-                    };
-                    *slot = old;
-                    return Err(e);
-                }
-                Ok(old)
+                *slot = old;
+                Err(e)
             }
         }
     }
