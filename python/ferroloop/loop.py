@@ -88,8 +88,10 @@ class Loop(_NativeLoop, unix_events.SelectorEventLoop, metaclass=_nested.LoopTyp
         if isinstance(handle, _NativeHandle):
             _NativeLoop._add_callback(self, handle)
         elif not handle._cancelled:
-            # An asyncio Handle (signal handlers): run it as asyncio would, in its context.
-            self.call_soon(handle._run)
+            # An asyncio Handle (signal handlers): queue its callback in its context, with its
+            # creation traceback, so errors and debug reports name the user's callback.
+            native = self.call_soon(handle._callback, *handle._args, context=handle._context)
+            native._source_traceback = handle._source_traceback
 
     def run_until_complete(self, future):
         """Run until the future (or coroutine) is done; return its result."""
