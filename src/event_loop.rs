@@ -492,6 +492,32 @@ impl EventLoop {
         monotonic()
     }
 
+    /// `loop.create_task(coro, *, name=None, context=None)`: asyncio's own Task. The plain
+    /// case (no task factory, no debug mode) is made here, saving a Python frame per task;
+    /// everything else is asyncio's `BaseEventLoop.create_task`.
+    #[pyo3(signature = (coro, *, name=None, context=None))]
+    fn create_task<'py>(
+        slf: &Bound<'py, Self>,
+        coro: Bound<'py, PyAny>,
+        name: Option<Bound<'py, PyAny>>,
+        context: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let debug = {
+            let s = slf.borrow();
+            s.check_closed()?;
+            s.debug
+        };
+        let kwargs = pyo3::types::PyDict::new(py);
+        kwargs.set_item(intern!(py, "name"), name)?;
+        kwargs.set_item(intern!(py, "context"), context)?;
+        if debug || !slf.getattr(intern!(py, "_task_factory"))?.is_none() {
+            return py::base_create_task(py)?.call((slf, coro), Some(&kwargs));
+        }
+        kwargs.set_item(intern!(py, "loop"), slf)?;
+        py::task_class(py)?.call((coro,), Some(&kwargs))
+    }
+
     fn _timer_handle_cancelled(&mut self, handle: &Bound<'_, Handle>) {
         if handle.borrow().scheduled {
             self.timer_cancelled_count += 1;

@@ -30,3 +30,30 @@ pub fn handle_repr(h: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
     let f = HANDLE_REPR.import(h.py(), "ferroloop._handles", "handle_repr")?;
     Ok(f.call1((h,))?.unbind())
 }
+
+static TASKS_MODULE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+static BASE_CREATE_TASK_FN: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// `asyncio.tasks.Task`, read at each call as asyncio's `create_task` does (so a patched
+/// `tasks.Task` is honoured).
+pub fn task_class(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    let m = TASKS_MODULE.get_or_try_init(py, || {
+        Ok::<_, PyErr>(py.import("asyncio.tasks")?.into_any().unbind())
+    })?;
+    m.bind(py).getattr(pyo3::intern!(py, "Task"))
+}
+
+/// `asyncio.base_events.BaseEventLoop.create_task`: asyncio's own method, for the cases the
+/// native fast path leaves to it.
+pub fn base_create_task(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
+    BASE_CREATE_TASK_FN
+        .get_or_try_init(py, || {
+            Ok::<_, PyErr>(
+                py.import("asyncio.base_events")?
+                    .getattr("BaseEventLoop")?
+                    .getattr("create_task")?
+                    .unbind(),
+            )
+        })
+        .map(|f| f.bind(py))
+}
