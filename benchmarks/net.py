@@ -1,0 +1,901 @@
+"""Network benchmarks side by side: asyncio's stock loop, uvloop, rloop and ferroloop.
+
+- echo: a server under test in its own process (``net_server.py``, one per loop) driven by one
+  client program in another process (``net_client.py``, the same for every loop), in three
+  server modes (raw ``sock_*``, asyncio streams, ``asyncio.Protocol``), three message sizes and
+  three concurrencies; requests/s and p99 latency per point;
+- http: a minimal HTTP/1.1 keep-alive server on ``asyncio.Protocol`` loaded with ``wrk``;
+- memory: the server's peak RSS holding 10,000 idle connections, in KiB per connection.
+
+    python benchmarks/net.py                      # the whole matrix (about 10 minutes)
+    python benchmarks/net.py --quick              # a smoke run of a few points
+    python benchmarks/net.py --modes protocol --sizes 1k --concurrency 10,100 \
+        --loops uvloop,ferroloop
+    python benchmarks/net.py --write --json out.json
+
+See benchmarks/README.md ("Network") for the method.
+"""
+
+import argparse
+import json
+import os
+import re
+import select
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from run import fmt_ratio, load_average, machine_info, pick, probe_loops, progress
+from workloads import LOOPS
+
+SERVER = HERE / "net_server.py"
+CLIENT = HERE / "net_client.py"
+README = HERE / "README.md"
+START, END = "<!-- net:start -->", "<!-- net:end -->"
+CANDIDATE, RIVAL = "ferroloop", "uvloop"
+
+MODES = {
+    "sock": "raw `sock_*`: `loop.sock_accept`, `loop.sock_recv`, `loop.sock_sendall`",
+    "streams": "asyncio streams: `asyncio.start_server`, `reader.read`, `writer.write` + `drain`",
+    "protocol": "`loop.create_server` with an `asyncio.Protocol` (`transport.write` in "
+    "`data_received`)",
+}
+SIZES = {"1k": 1024, "10k": 10 * 1024, "100k": 100 * 1024}
+CONCURRENCY = (1, 10, 100)
+HTTP_CONNS = (1, 64, 256)
+PARTS = ("echo", "http", "memory")
+CLIENT_BOUND = 0.9  # a client CPU share above this: the client may have been the bottleneck
+
+
+def target_ratio(size):
+    """The project's target for ferroloop / uvloop requests/s at this message size."""
+    return 1.2 if size <= 10 * 1024 else 1.0
+
+
+# --- processes -----------------------------------------------------------------------------
+
+
+class Server:
+    """One net_server.py process. It prints JSON lines on stdout; it stops when its stdin is
+    closed, and by itself after ``lifetime`` seconds."""
+
+    def __init__(self, loop, kind, lifetime, expect=0):
+        self.loop, self.kind = loop, kind
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
+        cmd = [sys.executable, str(SERVER), loop, kind, "--lifetime", str(int(lifetime))]
+        cmd += pin_args(SERVER_CPU)
+        if expect:
+            cmd += ["--expect", str(expect)]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+        )
+        self.buffer = b""
+        self.info = None
+        self.error = None
+
+    def read_json(self, timeout):
+        """The next JSON line from the server, or None (self.error says why)."""
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.error = f"timeout: no answer from the server after {timeout:g} s"
+                return None
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    code = self.proc.wait()
+                    self.error = f"the server exited (status {code}); {self.stderr_tail()}"
+                    return None
+                self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        try:
+            return json.loads(line)
+        except ValueError:
+            self.error = f"unexpected output from the server: {line[:200]!r}"
+            return None
+
+    def wait_ready(self, timeout=30):
+        self.info = self.read_json(timeout)
+        if self.info is not None and "missing" in self.info:
+            self.error = "missing (" + self.info["missing"] + ")"
+            self.info = None
+        return self.info
+
+    @property
+    def port(self):
+        return self.info["port"]
+
+    def stop(self, timeout=10):
+        """Close stdin (the server stops), wait, kill if it does not; return its problems."""
+        problems = []
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+            problems.append(f"did not stop within {timeout} s of stdin EOF (killed)")
+        if code not in (0, None) and not (code == 2 and self.error):
+            problems.append(f"exit status {code}")
+        tail = self.stderr_tail(lines=6)
+        if tail:
+            problems.append("stderr: " + tail)
+        self.stderr.close()
+        return problems
+
+    def stderr_tail(self, lines=3):
+        self.stderr.seek(0)
+        text = self.stderr.read().decode(errors="replace")
+        kept = [ln.strip() for ln in text.splitlines() if ln.strip().strip("^~")]
+        return " | ".join(kept[-lines:])
+
+
+# Client and server on different CPUs. Left to itself, the scheduler often wakes the server on
+# the client's CPU (and back): ping-pong over loopback then runs on one CPU at half speed while
+# the other idles, and a run's result depends on where each process happened to land.
+# But on a machine shared with other busy processes a pinned process cannot move away from
+# them, so pinning is an option (--pin), not the default.
+CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+CLIENT_CPU = SERVER_CPU = None
+
+
+def use_pinning():
+    global CLIENT_CPU, SERVER_CPU
+    if len(CPUS) >= 2:
+        CLIENT_CPU, SERVER_CPU = CPUS[0], CPUS[-1]
+
+
+def pin_args(cpu):
+    """net_server.py / net_client.py pin themselves with --cpu."""
+    return [] if cpu is None else ["--cpu", str(cpu)]
+
+
+def taskset(cpu):
+    """A command prefix that runs a program (wrk) on one CPU, if taskset is there."""
+    return [] if cpu is None or not shutil.which("taskset") else ["taskset", "-c", str(cpu)]
+
+
+def run_client(args, timeout):
+    """Run net_client.py; return (result dict, None) or (None, error)."""
+    cmd = [sys.executable, str(CLIENT), *map(str, args), *pin_args(CLIENT_CPU)]
+    try:
+        proc = subprocess.run(
+            cmd,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"timeout: the client got no result within {timeout:g} s"
+    lines = proc.stdout.strip().splitlines()
+    try:
+        result = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        result = None
+    if result is None:
+        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+        return None, f"client failed (status {proc.returncode}): {tail}"
+    if result.get("error"):
+        return None, "client: " + result["error"]
+    return result, None
+
+
+def rotated(names, k):
+    """The loops in a different order every round, so no loop always runs first or last."""
+    k %= max(1, len(names))
+    return names[k:] + names[:k]
+
+
+def stop_all(servers, point, problems):
+    for name, server in servers.items():
+        for problem in server.stop():
+            problems.append(f"{name} server, {point}: {problem}")
+
+
+# --- echo ----------------------------------------------------------------------------------
+
+
+def measure_echo(mode, size, conns, loops, args, problems):
+    """One point: a fresh server per loop (all started at once, idle until driven), then
+    ``repeat`` rounds, each loop once per round."""
+    per_run = args.warmup + args.duration + 3
+    lifetime = 30 + args.repeat * len(loops) * (per_run + 5)
+    point = f"echo {mode} {size_label(size)} x{conns}"
+    servers = {name: Server(name, mode, lifetime) for name in loops}
+    samples = {name: [] for name in loops}
+    errors = {}
+    for name, server in servers.items():
+        if server.wait_ready() is None:
+            errors[name] = server.error
+            progress(f"  {point:<26} {name:<10} server: {server.error}")
+    for rep in range(args.repeat):
+        for name in rotated(loops, rep):
+            if name in errors:
+                continue
+            server = servers[name]
+            result, error = run_client(
+                [
+                    "echo",
+                    "--port",
+                    server.port,
+                    "--size",
+                    size,
+                    "--conns",
+                    conns,
+                    "--duration",
+                    args.duration,
+                    "--warmup",
+                    args.warmup,
+                    "--server-pid",
+                    server.info["pid"],
+                ],
+                timeout=per_run + 30,
+            )
+            if error:
+                errors[name] = error
+                progress(f"  {point:<26} {name:<10} #{rep + 1}: {error}")
+                continue
+            samples[name].append(result)
+            progress(
+                f"  {point:<26} {name:<10} #{rep + 1}: {result['rps']:>9,.0f} req/s"
+                f"  p99 {result['p99_ms']:7.3f} ms  cpu client {result['client_cpu']:.0%}"
+                f" server {fmt_share(result['server_cpu'])} others {fmt_share(result['other_cpu'])}"
+            )
+    stop_all(servers, point, problems)
+    return summarise(samples, errors, target_ratio(size))
+
+
+def summarise(samples, errors, target):
+    med = {}
+    for name, runs in samples.items():
+        if runs and name not in errors:
+            med[name] = {
+                "rps": statistics.median(r["rps"] for r in runs),
+                "p99_ms": statistics.median(r["p99_ms"] for r in runs),
+                "client_cpu": max(r["client_cpu"] for r in runs),
+                "server_cpu": median_or_none([r["server_cpu"] for r in runs]),
+                "other_cpu": median_or_none([r.get("other_cpu") for r in runs]),
+                # server CPU time per request: the server's efficiency, even where the two
+                # processes together saturate the machine and requests/s stop telling loops apart
+                "server_us_per_request": median_or_none(
+                    [
+                        r["server_cpu"] / r["rps"] * 1e6
+                        if r.get("server_cpu") and r["rps"]
+                        else None
+                        for r in runs
+                    ]
+                ),
+            }
+    base = med.get("asyncio", {}).get("rps")
+    vs_asyncio = {name: m["rps"] / base for name, m in med.items()} if base else {}
+    vs_rival, met = None, None
+    if CANDIDATE in med and RIVAL in med:
+        vs_rival = med[CANDIDATE]["rps"] / med[RIVAL]["rps"]
+        met = vs_rival >= target if target else None
+    elif CANDIDATE in errors and RIVAL in med:
+        met = False if target else None
+    return {
+        "samples": samples,
+        "errors": errors,
+        "median": med,
+        "vs_asyncio": vs_asyncio,
+        "vs_uvloop": vs_rival,
+        "target": target,
+        "met": met,
+    }
+
+
+def median_or_none(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+# --- http (wrk) ----------------------------------------------------------------------------
+
+
+def wrk_version():
+    try:
+        out = subprocess.run(["wrk", "-v"], check=False, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r"wrk\s+(\S+)", out.stdout + out.stderr)
+    return match.group(1) if match else "unknown"
+
+
+def parse_wrk(text):
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    p99 = re.search(r"^\s*99(?:\.0+)?%\s+([\d.]+)(us|ms|s|m)\b", text, re.MULTILINE)
+    if not rps:
+        return None
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+    result = {"rps": float(rps.group(1))}
+    result["p99_ms"] = float(p99.group(1)) * scale[p99.group(2)] if p99 else None
+    errors = re.search(r"Socket errors: (.*)", text)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    result["socket_errors"] = errors.group(1).strip() if errors else None
+    result["non_2xx"] = int(non2xx.group(1)) if non2xx else 0
+    return result
+
+
+def process_cpu(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_wrk(port, conns, args, pid):
+    threads = max(1, min(args.wrk_threads, conns))
+    cmd = [
+        *taskset(CLIENT_CPU),
+        "wrk",
+        "-t",
+        str(threads),
+        "-c",
+        str(conns),
+        "-d",
+        f"{args.http_duration:g}s",
+    ]
+    cmd += ["--latency", f"http://127.0.0.1:{port}/"]
+    cpu0, t0 = process_cpu(pid), time.monotonic()
+    try:
+        out = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=args.http_duration + 30,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return None, "timeout: wrk did not finish"
+    cpu1, t1 = process_cpu(pid), time.monotonic()
+    result = parse_wrk(out.stdout)
+    if result is None:
+        return None, f"wrk failed (status {out.returncode}): {(out.stdout + out.stderr)[-300:]}"
+    if cpu0 is not None and cpu1 is not None:
+        result["server_cpu"] = (cpu1 - cpu0) / (t1 - t0)  # includes wrk's start-up: a floor
+    if result["non_2xx"] or (result["socket_errors"] and not all_zero(result["socket_errors"])):
+        return result, f"wrk: socket errors {result['socket_errors']}, non-2xx {result['non_2xx']}"
+    return result, None
+
+
+def all_zero(socket_errors):
+    return all(int(n) == 0 for n in re.findall(r"\d+", socket_errors))
+
+
+def measure_http(conns, loops, args, problems):
+    lifetime = 30 + args.http_repeat * len(loops) * (args.http_duration + 10)
+    point = f"http x{conns}"
+    servers = {name: Server(name, "http", lifetime) for name in loops}
+    samples = {name: [] for name in loops}
+    errors = {}
+    for name, server in servers.items():
+        if server.wait_ready() is None:
+            errors[name] = server.error
+    for rep in range(args.http_repeat):
+        for name in rotated(loops, rep):
+            if name in errors:
+                continue
+            result, error = run_wrk(servers[name].port, conns, args, servers[name].info["pid"])
+            if error:
+                errors[name] = error
+                progress(f"  {point:<26} {name:<10} #{rep + 1}: {error}")
+                continue
+            samples[name].append(result)
+            p99 = f"{result['p99_ms']:7.3f} ms" if result["p99_ms"] is not None else "-"
+            progress(
+                f"  {point:<26} {name:<10} #{rep + 1}: {result['rps']:>9,.0f} req/s  p99 {p99}"
+                f"  cpu server {fmt_share(result.get('server_cpu'))}"
+            )
+    stop_all(servers, point, problems)
+    for runs in samples.values():
+        for r in runs:
+            r.setdefault("client_cpu", None)
+    summary = summarise_http(samples, errors)
+    return summary
+
+
+def summarise_http(samples, errors):
+    med = {}
+    for name, runs in samples.items():
+        if runs and name not in errors:
+            med[name] = {
+                "rps": statistics.median(r["rps"] for r in runs),
+                "p99_ms": median_or_none([r["p99_ms"] for r in runs]),
+                "client_cpu": None,
+                "server_cpu": median_or_none([r.get("server_cpu") for r in runs]),
+            }
+    base = med.get("asyncio", {}).get("rps")
+    vs_asyncio = {name: m["rps"] / base for name, m in med.items()} if base else {}
+    vs = med[CANDIDATE]["rps"] / med[RIVAL]["rps"] if CANDIDATE in med and RIVAL in med else None
+    return {
+        "samples": samples,
+        "errors": errors,
+        "median": med,
+        "vs_asyncio": vs_asyncio,
+        "vs_uvloop": vs,
+        "target": None,
+        "met": None,
+    }
+
+
+# --- memory --------------------------------------------------------------------------------
+
+
+def idle_connection_count(wanted):
+    """As many idle connections as both processes' RLIMIT_NOFILE allow (after raising the soft
+    limit to the hard one), up to ``wanted``; the reason when it is fewer."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    hard = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    usable = hard - 64  # the interpreter, the loop's own fds, the listening socket, pipes
+    if usable >= wanted:
+        return wanted, None
+    return usable, f"RLIMIT_NOFILE hard limit is {hard}: {usable} connections, not {wanted}"
+
+
+def measure_memory(mode, count, loops, args, problems):
+    samples = {name: [] for name in loops}
+    errors = {}
+    point = f"memory {mode} {count:,} idle"
+    for rep in range(memory_repeat(args)):
+        for name in rotated(loops, rep):
+            if name in errors:
+                continue
+            result, error = memory_run(name, mode, count, problems, point)
+            if error:
+                errors[name] = error
+                progress(f"  {point:<26} {name:<10} #{rep + 1}: {error}")
+                continue
+            samples[name].append(result)
+            progress(
+                f"  {point:<26} {name:<10} #{rep + 1}: {result['kib_per_conn']:.2f} KiB/conn"
+                f"  (baseline {result['baseline_rss_kib'] / 1024:.1f} MiB,"
+                f" peak {result['peak_rss_kib'] / 1024:.1f} MiB, client connected in"
+                f" {result['connect_seconds']:.1f} s)"
+            )
+    med = {
+        name: statistics.median(r["kib_per_conn"] for r in runs)
+        for name, runs in samples.items()
+        if runs and name not in errors
+    }
+    met = None
+    if CANDIDATE in med and RIVAL in med:
+        met = med[CANDIDATE] <= med[RIVAL]
+    elif CANDIDATE in errors and RIVAL in med:
+        met = False
+    return {"count": count, "samples": samples, "errors": errors, "median": med, "met": met}
+
+
+def memory_repeat(args):
+    """Memory barely varies between runs: at most 3 of them."""
+    return min(args.repeat, 3)
+
+
+def memory_run(name, mode, count, problems, point):
+    server = Server(name, mode, lifetime=120, expect=count)
+    client = None
+    try:
+        if server.wait_ready() is None:
+            return None, server.error
+        client = subprocess.Popen(
+            [sys.executable, str(CLIENT), "idle", "--port", str(server.port)]
+            + ["--count", str(count), "--timeout", "90", *pin_args(CLIENT_CPU)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        connected = json.loads(client.stdout.readline() or "null")
+        if connected is None:
+            return None, "the idle client failed: " + client.stderr.read()[-300:]
+        if connected.get("error"):
+            return None, f"client connected {connected['connected']}: {connected['error']}"
+        report = server.read_json(timeout=70)
+        if report is None:
+            return None, server.error
+        if report["connections"] < count:
+            return None, f"the server saw {report['connections']} of {count} connections"
+        peak = report["peak_rss_kib"] if report["peak_reset"] else report["rss_kib"]
+        report["kib_per_conn"] = (peak - report["baseline_rss_kib"]) / count
+        report["connect_seconds"] = connected["seconds"]
+        return report, None
+    finally:
+        if client is not None:
+            client.stdin.close()
+            try:
+                client.wait(15)
+            except subprocess.TimeoutExpired:
+                client.kill()
+                client.wait()
+            client.stdout.close()
+            client.stderr.close()
+        for problem in server.stop():
+            problems.append(f"{name} server, {point}: {problem}")
+
+
+# --- formatting ----------------------------------------------------------------------------
+
+
+def size_label(size):
+    return f"{size // 1024} KiB" if size % 1024 == 0 else f"{size} B"
+
+
+def fmt_share(value):
+    return "-" if value is None else f"{value:.0%}"
+
+
+def fmt_rps(value):
+    if value >= 10_000:
+        return f"{value / 1000:.1f}k"
+    return f"{value:,.0f}"
+
+
+def fmt_met(met):
+    return {True: "met", False: "**not met**", None: "n/a"}[met]
+
+
+def cell(summary, name, unavailable):
+    if name in unavailable:
+        return "missing" if unavailable[name].startswith("missing") else "error"
+    if name in summary["errors"]:
+        return "timeout" if "timeout" in summary["errors"][name] else "error"
+    m = summary["median"].get(name)
+    if m is None:
+        return "-"
+    p99 = "-" if m["p99_ms"] is None else f"{m['p99_ms']:.2f}"
+    return f"{fmt_rps(m['rps'])} / {p99}"
+
+
+def table(rows, loops, unavailable, first_cols, with_target=True):
+    """rows: [(first column cells, summary)]. Cells: 'req/s / p99 ms'."""
+    others = [n for n in loops if n != "asyncio"]
+    head = [*first_cols, *loops, *(f"{n} vs asyncio" for n in others)]
+    compare = CANDIDATE in loops and RIVAL in loops
+    if compare:
+        head.append("ferroloop vs uvloop")
+        if with_target:
+            head.append("target")
+    if with_target and compare:
+        head.append("server CPU µs/req: uvloop / ferroloop")
+    head.append("client CPU / others" if with_target else "server CPU (ferroloop)")
+    lines = ["| " + " | ".join(head) + " |"]
+    lines.append(
+        "| "
+        + " | ".join(["---"] * len(first_cols) + ["---:"] * (len(head) - len(first_cols)))
+        + " |"
+    )
+    for cols, s in rows:
+        cells = [*cols, *(cell(s, n, unavailable) for n in loops)]
+        cells += [fmt_ratio(s["vs_asyncio"].get(n)) for n in others]
+        if compare:
+            cells.append(fmt_ratio(s["vs_uvloop"]))
+            if with_target:
+                goal = f"≥ {s['target']:.1f}x" if s["target"] else ""
+                cells.append(f"{fmt_met(s['met'])} ({goal})" if s["target"] else "n/a")
+        if with_target and compare:
+            per = [s["median"].get(n, {}).get("server_us_per_request") for n in (RIVAL, CANDIDATE)]
+            cells.append(" / ".join("-" if v is None else f"{v:.1f}" for v in per))
+        if with_target:
+            shares = [m["client_cpu"] for m in s["median"].values() if m["client_cpu"]]
+            top = max(shares) if shares else None
+            flag = " (client-bound?)" if top is not None and top > CLIENT_BOUND else ""
+            others_cpu = median_or_none([m.get("other_cpu") for m in s["median"].values()])
+            cells.append(f"{fmt_share(top)}{flag} / {fmt_share(others_cpu)}")
+        else:
+            cells.append(fmt_share(s["median"].get(CANDIDATE, {}).get("server_cpu")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def memory_table(summaries, loops, unavailable):
+    head = ["server", "connections", *(f"{n} (KiB/conn)" for n in loops)]
+    compare = CANDIDATE in loops and RIVAL in loops
+    if compare:
+        head += ["ferroloop vs uvloop", "target"]
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "| --- | " + " | ".join(["---:"] * (len(head) - 1)) + " |",
+    ]
+    for mode, s in summaries.items():
+        cells = [mode, f"{s['count']:,}"]
+        for n in loops:
+            if n in unavailable:
+                cells.append("missing")
+            elif n in s["errors"]:
+                cells.append("error")
+            elif n in s["median"]:
+                cells.append(f"{s['median'][n]:.2f}")
+            else:
+                cells.append("-")
+        if compare:
+            f, u = s["median"].get(CANDIDATE), s["median"].get(RIVAL)
+            cells.append(f"{f / u:.2f}x the memory" if f is not None and u else "n/a")
+            cells.append(fmt_met(s["met"]) + " (≤ uvloop)")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(report, loops, unavailable):
+    m = report["machine"]
+    pkgs = ", ".join(f"{k} {v}" for k, v in m["packages"].items())
+    if report.get("wrk"):
+        pkgs += f", wrk {report['wrk']}"
+    quick = (
+        " (`--quick`: a smoke run of a few points, not a measurement)" if report["quick"] else ""
+    )
+    a = report["args"]
+    out = [
+        f"Run: {m['date']}{quick}",
+        "",
+        f"- Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory_gib']} GiB memory, {m['os']}",
+        f"- Python: {m['python']}",
+        f"- Packages: {pkgs}",
+        (
+            f"- Load average (1, 5, 15 min) at start {m['load_average']}, at end "
+            f"{report['load_average_end']}. **The machine is shared and noisy**: other work "
+            "(test suites) ran at the same time on its 2 CPUs, and client and server share them "
+            "too; read the ratios, not the absolute numbers, and expect 10-20 % jitter."
+        ),
+        (
+            f"- Echo: median of {a['repeat']} runs per point, loops interleaved; each run "
+            f"{a['warmup']:g} s warm-up + {a['duration']:g} s measured; a fresh server process "
+            "per loop and point. Cells: requests/s / p99 latency in ms. Ratios: requests/s of "
+            "the loop / requests/s of the baseline (higher is better). `client CPU`: the "
+            "client's highest CPU share over the measured windows of the row (near 100 %: the "
+            "client may have limited the row); `others`: the median CPU used by every other "
+            "process on the machine during the windows (of 200 % for 2 CPUs): the noise. "
+            "`server CPU µs/req`: the server process's CPU time (user + system) per request, "
+            "median of the runs (lower is better): where client and server together keep both "
+            "CPUs busy (client CPU near 100 %), requests/s are the machine's limit and this "
+            "column is the one that still compares the loops; most of it is the kernel's "
+            "loopback TCP work, the same for every loop. "
+            + ("Client and server pinned to different CPUs." if a["pin"] else "Not pinned.")
+        ),
+        "",
+    ]
+    for mode, rows in report["echo"].items():
+        out += [f"#### Echo, {MODES[mode]}", ""]
+        items = [((size_label(s["size"]), str(s["conns"])), s) for s in rows]
+        out += [table(items, loops, unavailable, ["size", "conns"]), ""]
+    echo_met = [s["met"] for rows in report["echo"].values() for s in rows if s["met"] is not None]
+    if report["http"]:
+        out += [
+            "#### HTTP/1.1 keep-alive on `asyncio.Protocol`, loaded with wrk",
+            "",
+            (
+                f"`wrk -t {a['wrk_threads']} -c N -d {a['http_duration']:g}s --latency` "
+                "(threads: at most N), a fixed 13-byte response; median of "
+                f"{a.get('http_repeat', a['repeat'])} runs. Cells: requests/s / p99 latency in ms. "
+                "No target is set for this row; `server CPU`: ferroloop's server's CPU share "
+                "during the wrk run."
+            ),
+            "",
+        ]
+        items = [((str(s["conns"]),), s) for s in report["http"]]
+        out += [table(items, loops, unavailable, ["conns"], with_target=False), ""]
+    elif report.get("http_skipped"):
+        out += ["#### HTTP/1.1 keep-alive", "", f"Not run: {report['http_skipped']}", ""]
+    if report["memory"]:
+        first = next(iter(report["memory"].values()))
+        out += [
+            f"#### Memory: {first['count']:,} idle connections",
+            "",
+            (
+                "The server's peak RSS (VmHWM, reset to the current RSS just before the client "
+                "connects) minus its RSS when listening with no connection, divided by the "
+                f"number of connections (median of {min(a['repeat'], 3)} runs; lower is "
+                "better). The client opens the connections and sends nothing."
+            ),
+            "",
+            memory_table(report["memory"], loops, unavailable),
+            "",
+        ]
+        if report.get("memory_note"):
+            out += [f"Note: {report['memory_note']}", ""]
+    mem_met = [s["met"] for s in report["memory"].values() if s["met"] is not None]
+    if echo_met or mem_met:
+        out.append(
+            f"Target (ferroloop ≥ 1.2x uvloop's requests/s at 1 and 10 KiB, ≥ 1.0x at 100 KiB, "
+            f"no more memory per idle connection): echo met on {sum(echo_met)} of "
+            f"{len(echo_met)} rows; memory met on {sum(mem_met)} of {len(mem_met)}."
+        )
+        out.append("")
+    problems = [f"- {name}: {why}" for name, why in unavailable.items()]
+    problems += [f"- {p}" for p in report["problems"]]
+    if problems:
+        out += ["Problems seen during the run:", "", *problems, ""]
+    return "\n".join(out)
+
+
+def write_readme(section):
+    text = README.read_text() if README.exists() else "# Benchmarks\n"
+    block = f"{START}\n{section}\n{END}"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n## Network results\n\n" + block + "\n"
+    README.write_text(text)
+
+
+# --- main ----------------------------------------------------------------------------------
+
+
+def parse_sizes(value):
+    sizes = []
+    for item in value.split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        if item in SIZES:
+            sizes.append(SIZES[item])
+        elif item.isdigit():
+            sizes.append(int(item))
+        else:
+            raise SystemExit(f"unknown size {item!r} (1k, 10k, 100k or a number of bytes)")
+    return sizes
+
+
+def parse_ints(value):
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"not a list of integers: {value!r}") from None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--loops", default=",".join(LOOPS), help="comma-separated subset")
+    parser.add_argument("--parts", default=",".join(PARTS), help="echo,http,memory")
+    parser.add_argument("--modes", default=",".join(MODES), help="echo modes: sock,streams,...")
+    parser.add_argument("--sizes", default=",".join(SIZES), help="1k,10k,100k or bytes")
+    parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
+    parser.add_argument("--http-conns", default=",".join(map(str, HTTP_CONNS)))
+    parser.add_argument("--memory-modes", default="protocol", help="server kinds for memory")
+    parser.add_argument("--idle", type=int, default=10_000, help="idle connections (memory)")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per point (median)")
+    parser.add_argument("--duration", type=float, default=0.6, help="echo: measured seconds")
+    parser.add_argument("--warmup", type=float, default=0.2, help="echo: warm-up seconds")
+    parser.add_argument("--http-duration", type=float, default=3.0, help="wrk -d (seconds)")
+    parser.add_argument("--http-repeat", type=int, default=3, help="wrk runs per point")
+    parser.add_argument("--wrk-threads", type=int, default=1, help="wrk -t (at most -c)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run of a few points")
+    parser.add_argument("--pin", action="store_true", help="client and server on different CPUs")
+    parser.add_argument("--write", action="store_true", help="update README.md's net section")
+    parser.add_argument("--json", type=Path, help="write every sample to this file")
+    parser.add_argument("--from-json", type=Path, help="no run: rebuild the tables from --json")
+    args = parser.parse_args()
+    if args.from_json:
+        report = json.loads(args.from_json.read_text())
+        for rows in report["echo"].values():  # recompute: the summary may have grown columns
+            for row in rows:
+                row.update(summarise(row["samples"], row["errors"], target_ratio(row["size"])))
+        loops = pick(report["args"]["loops"], LOOPS, "loops")
+        section = markdown(report, loops, report["unavailable"])
+        print(section)
+        if args.write:
+            write_readme(section)
+            progress(f"results written to {README}")
+        return 0
+    loops = pick(args.loops, LOOPS, "loops")
+    parts = pick(args.parts, PARTS, "parts")
+    modes = pick(args.modes, MODES, "modes")
+    memory_modes = pick(args.memory_modes, MODES, "memory modes")
+    sizes, concs = parse_sizes(args.sizes), parse_ints(args.concurrency)
+    http_conns = parse_ints(args.http_conns)
+    if args.quick:
+        given = set(re.findall(r"--([\w-]+)", " ".join(sys.argv[1:])))
+        sizes = sizes if "sizes" in given else [SIZES["1k"], SIZES["100k"]]
+        concs = concs if "concurrency" in given else [10]
+        http_conns = http_conns if "http-conns" in given else [64]
+        args.idle = args.idle if "idle" in given else 1000
+        args.repeat = args.repeat if "repeat" in given else 1
+        args.http_repeat = args.http_repeat if "http-repeat" in given else 1
+        args.duration = args.duration if "duration" in given else 0.5
+        args.http_duration = args.http_duration if "http-duration" in given else 1.0
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    if args.pin:
+        use_pinning()
+
+    machine = machine_info()
+    progress(f"{machine['date']}: {machine['python']}, {machine['nproc']} CPUs ({machine['cpu']})")
+    versions, unavailable = probe_loops(loops, 60)
+    for name, why in unavailable.items():
+        progress(f"{name}: not run: {why}")
+    runnable = [name for name in loops if name in versions]
+    report = {
+        "machine": machine,
+        "quick": args.quick,
+        "args": {k: v for k, v in vars(args).items() if k != "json"},
+        "loops": versions,
+        "unavailable": unavailable,
+        "echo": {},
+        "http": [],
+        "memory": {},
+        "problems": [],
+    }
+    started = time.monotonic()
+
+    if "echo" in parts:
+        for mode in modes:
+            rows = report["echo"].setdefault(mode, [])
+            for size in sizes:
+                for conns in concs:
+                    s = measure_echo(mode, size, conns, runnable, args, report["problems"])
+                    s.update(size=size, conns=conns)
+                    rows.append(s)
+                    report["problems"] += [
+                        f"{n} on echo {mode} {size_label(size)} x{conns}: {e}"
+                        for n, e in s["errors"].items()
+                    ]
+            items = [((size_label(s["size"]), str(s["conns"])), s) for s in rows]
+            print(f"\necho, {MODES[mode]}")
+            print(table(items, loops, unavailable, ["size", "conns"]) + "\n", flush=True)
+
+    if "http" in parts:
+        version = wrk_version() if shutil.which("wrk") else None
+        if version is None:
+            report["http_skipped"] = (
+                "wrk is not installed (apt-get install -y wrk); the HTTP rows were skipped"
+            )
+            progress(report["http_skipped"])
+        else:
+            report["wrk"] = version
+            for conns in http_conns:
+                s = measure_http(conns, runnable, args, report["problems"])
+                s["conns"] = conns
+                report["http"].append(s)
+                report["problems"] += [f"{n} on http x{conns}: {e}" for n, e in s["errors"].items()]
+            items = [((str(s["conns"]),), s) for s in report["http"]]
+            print("\nhttp (wrk)")
+            print(table(items, loops, unavailable, ["conns"], with_target=False) + "\n")
+
+    if "memory" in parts:
+        count, note = idle_connection_count(args.idle)
+        report["memory_note"] = note
+        if note:
+            progress(note)
+        for mode in memory_modes:
+            s = measure_memory(mode, count, runnable, args, report["problems"])
+            report["memory"][mode] = s
+            report["problems"] += [f"{n} on memory ({mode}): {e}" for n, e in s["errors"].items()]
+        print("\nmemory")
+        print(memory_table(report["memory"], loops, unavailable) + "\n")
+
+    report["load_average_end"] = load_average()
+    report["seconds"] = time.monotonic() - started
+    progress(f"took {report['seconds']:.0f} s")
+    for problem in report["problems"]:
+        print(f"PROBLEM: {problem}")
+    if args.write:
+        write_readme(markdown(report, loops, unavailable))
+        progress(f"results written to {README}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        progress(f"json: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
