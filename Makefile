@@ -8,7 +8,7 @@ PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
 EXTRA_PYTHONS ?= 3.12 3.13
 
 .PHONY: help install build-dev lint fmt test test-rust test-parity test-conformance \
-        test-conformance-extra bench demo clean
+        test-conformance-extra bench bench-net demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-24s %s\n", $$1, $$2}'
@@ -57,9 +57,14 @@ test-conformance-extra:  ## the conformance suite on the other CPython versions
 
 test: test-rust test-parity test-conformance test-conformance-extra  ## build, then run every test
 
-bench: build-dev  ## side-by-side benchmarks: asyncio, uvloop, rloop, ferroloop
+bench: build-dev  ## side-by-side core-loop benchmarks: asyncio, uvloop, rloop, ferroloop
 	$(VPY) -m pip install -q uvloop rloop matplotlib
 	$(VPY) benchmarks/run.py
+
+bench-net: build-dev  ## network benchmarks (echo, HTTP with wrk, idle memory), same loops
+	$(VPY) -m pip install -q uvloop rloop
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) || true
+	$(VPY) benchmarks/net.py
 
 demo: build-dev $(VENV)/.test-deps  ## build, then run the task-control walkthrough
 	$(VPY) examples/task_control.py
