@@ -510,7 +510,10 @@ impl EventLoop {
         };
         let kwargs = pyo3::types::PyDict::new(py);
         kwargs.set_item(intern!(py, "name"), name)?;
-        kwargs.set_item(intern!(py, "context"), context)?;
+        // Only when given: Python 3.10's Task and create_task have no `context`.
+        if let Some(context) = context {
+            kwargs.set_item(intern!(py, "context"), context)?;
+        }
         if debug || !slf.getattr(intern!(py, "_task_factory"))?.is_none() {
             return py::base_create_task(py)?.call((slf, coro), Some(&kwargs));
         }

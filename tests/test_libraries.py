@@ -23,10 +23,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from parity_helpers import import_ferroloop
 
-if sys.version_info < (3, 11):
-    # asyncio.Runner, asyncio.timeout and ExceptionGroup: CI runs these on 3.11+.
-    pytest.skip("the end-to-end library tests need Python 3.11+", allow_module_level=True)
-
 _REQUIREMENTS = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "requirements-libraries.txt"
 )
@@ -458,7 +454,7 @@ def test_aiohttp_client_timeout(loop):
                 try:
                     await session.get(f"http://{HOST}:{port}/slow")
                     error = None
-                except asyncio.TimeoutError as exc:
+                except TimeoutError as exc:
                     error = exc
         finally:
             app[RELEASE].set()
@@ -758,7 +754,7 @@ def test_anyio_task_group(loop):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(sleeper)
                 tg.start_soon(failer)
-        except BaseExceptionGroup as group:  # noqa: F821 -- 3.11+ builtin
+        except BaseExceptionGroup as group:
             errors = [type(e) for e in group.exceptions]
         return value, sorted(done, key=str), cancelled, errors, anyio.get_current_task().name
 

@@ -281,7 +281,7 @@ def test_task_group_collects_results(loop):
 @needs_311
 def test_task_group_cancels_siblings_on_error(loop):
     async def main():
-        with pytest.raises(ExceptionGroup) as info:  # noqa: F821 -- 3.11+ builtin
+        with pytest.raises(ExceptionGroup) as info:
             async with asyncio.TaskGroup() as tg:
                 sibling = tg.create_task(forever())
                 tg.create_task(fail_after(ValueError("boom")))

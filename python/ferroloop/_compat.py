@@ -26,9 +26,6 @@ FORMAT_CALLBACK_TAKES_DEBUG = (
 # so `python -m ferroloop` must not either.
 SAFE_PATH = bool(getattr(sys.flags, "safe_path", False))
 
-# asyncio.Runner (3.11+) carries asyncio.run's contract; older versions inline it.
-HAS_RUNNER = sys.version_info >= (3, 11)
-
 
 def format_callback_source(callback, args, loop):
     """format_helpers._format_callback_source as the running Python calls it."""

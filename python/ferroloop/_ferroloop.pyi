@@ -1,7 +1,8 @@
 """Type stubs for the native module ferroloop._ferroloop."""
 
 import contextvars
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __version__: str
 
