@@ -42,3 +42,34 @@ def run_for(loop, seconds):
     """Run the loop until a timer fires after ``seconds``."""
     loop.call_later(seconds, loop.stop)
     loop.run_forever()
+
+
+class DatagramRecorder(asyncio.DatagramProtocol):
+    """A datagram protocol that records what it gets (and echoes it upper-cased if asked)."""
+
+    def __init__(self, loop, echo=False):
+        self.loop = loop
+        self.echo = echo
+        self.transport = None
+        self.received = []
+        self.errors = []
+        self.got = asyncio.Queue()
+        self.error = loop.create_future()
+        self.lost = loop.create_future()
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        self.received.append((data, addr))
+        self.got.put_nowait((data, addr))
+        if self.echo:
+            self.transport.sendto(data.upper(), addr)
+
+    def error_received(self, exc):
+        self.errors.append(exc)
+        if not self.error.done():
+            self.error.set_result(exc)
+
+    def connection_lost(self, exc):
+        self.lost.set_result(exc)

@@ -14,7 +14,7 @@ import tempfile
 from asyncio import base_events, trsock
 
 import pytest
-from parity_helpers import WATCHDOG
+from parity_helpers import WATCHDOG, DatagramRecorder
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -600,35 +600,6 @@ def test_pause_and_resume_writing(loop, ends):
 # UDP
 
 
-class DatagramRecorder(asyncio.DatagramProtocol):
-    def __init__(self, loop, echo=False):
-        self.loop = loop
-        self.echo = echo
-        self.transport = None
-        self.datagrams = []
-        self.errors = []
-        self.got = asyncio.Queue()
-        self.error = loop.create_future()
-        self.lost = loop.create_future()
-
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def datagram_received(self, data, addr):
-        self.datagrams.append((data, addr))
-        self.got.put_nowait((data, addr))
-        if self.echo:
-            self.transport.sendto(data.upper(), addr)
-
-    def error_received(self, exc):
-        self.errors.append(exc)
-        if not self.error.done():
-            self.error.set_result(exc)
-
-    def connection_lost(self, exc):
-        self.lost.set_result(exc)
-
-
 def test_udp_sendto_and_datagram_received(loop):
     async def main():
         s_tr, s_proto = await loop.create_datagram_endpoint(
@@ -644,7 +615,7 @@ def test_udp_sendto_and_datagram_received(loop):
         c_tr.sendto(b"hello")
         data, src = await c_proto.got.get()
         assert (data, src) == (b"HELLO", addr)
-        assert s_proto.datagrams == [(b"hello", c_tr.get_extra_info("sockname"))]
+        assert s_proto.received == [(b"hello", c_tr.get_extra_info("sockname"))]
         # An unconnected endpoint sends to any address.
         u_tr, u_proto = await loop.create_datagram_endpoint(
             lambda: DatagramRecorder(loop), local_addr=("127.0.0.1", 0)

@@ -15,7 +15,7 @@ import tempfile
 from asyncio import selector_events
 
 import pytest
-from parity_helpers import WATCHDOG
+from parity_helpers import WATCHDOG, DatagramRecorder
 
 HOST = "127.0.0.1"
 
@@ -412,43 +412,14 @@ def test_pipe_pair_between_transports(loop):
 # UDP
 
 
-class Datagrams(asyncio.DatagramProtocol):
-    def __init__(self, loop, echo=False):
-        self.loop = loop
-        self.echo = echo
-        self.transport = None
-        self.received = []
-        self.errors = []
-        self.got = asyncio.Queue()
-        self.error = loop.create_future()
-        self.lost = loop.create_future()
-
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def datagram_received(self, data, addr):
-        self.received.append((data, addr))
-        self.got.put_nowait((data, addr))
-        if self.echo:
-            self.transport.sendto(data.upper(), addr)
-
-    def error_received(self, exc):
-        self.errors.append(exc)
-        if not self.error.done():
-            self.error.set_result(exc)
-
-    def connection_lost(self, exc):
-        self.lost.set_result(exc)
-
-
 def test_udp_echo_ipv4(loop):
     async def main():
         str_, server = await loop.create_datagram_endpoint(
-            lambda: Datagrams(loop, echo=True), local_addr=(HOST, 0)
+            lambda: DatagramRecorder(loop, echo=True), local_addr=(HOST, 0)
         )
         server_addr = str_.get_extra_info("sockname")
         ctr, client = await loop.create_datagram_endpoint(
-            lambda: Datagrams(loop), remote_addr=server_addr
+            lambda: DatagramRecorder(loop), remote_addr=server_addr
         )
         # asyncio's own datagram transport is a DatagramTransport only from 3.12 on.
         expected = issubclass(selector_events._SelectorDatagramTransport, asyncio.DatagramTransport)
@@ -478,11 +449,11 @@ def test_udp_echo_ipv4(loop):
 def test_udp_ipv6_addresses_are_4_tuples(loop):
     async def main():
         str_, server = await loop.create_datagram_endpoint(
-            lambda: Datagrams(loop, echo=True), local_addr=("::1", 0)
+            lambda: DatagramRecorder(loop, echo=True), local_addr=("::1", 0)
         )
         server_addr = str_.get_extra_info("sockname")
         ctr, client = await loop.create_datagram_endpoint(
-            lambda: Datagrams(loop), family=socket.AF_INET6, local_addr=("::1", 0)
+            lambda: DatagramRecorder(loop), family=socket.AF_INET6, local_addr=("::1", 0)
         )
         ctr.sendto(b"v6", server_addr[:2])
         reply = await client.got.get()
@@ -505,11 +476,11 @@ def test_udp_ipv6_addresses_are_4_tuples(loop):
 def test_udp_ipv6_connected(loop):
     async def main():
         str_, server = await loop.create_datagram_endpoint(
-            lambda: Datagrams(loop, echo=True), local_addr=("::1", 0)
+            lambda: DatagramRecorder(loop, echo=True), local_addr=("::1", 0)
         )
         port = str_.get_extra_info("sockname")[1]
         ctr, client = await loop.create_datagram_endpoint(
-            lambda: Datagrams(loop), remote_addr=("::1", port)
+            lambda: DatagramRecorder(loop), remote_addr=("::1", port)
         )
         peer = ctr.get_extra_info("peername")
         ctr.sendto(b"x")
@@ -558,7 +529,7 @@ def test_udp_family_and_argument_errors(loop):
         errors.append(("reuse_address", "reuse_address" in str(info.value)))
         # Family only: an unbound, unconnected endpoint.
         tr, proto = await loop.create_datagram_endpoint(
-            lambda: Datagrams(loop), family=socket.AF_INET
+            lambda: DatagramRecorder(loop), family=socket.AF_INET
         )
         errors.append(("family only", tr.get_extra_info("sockname")[0]))
         tr.close()
@@ -581,9 +552,11 @@ def test_udp_family_and_argument_errors(loop):
 
 
 async def _sendto_rules(lp):
-    srv, server = await lp.create_datagram_endpoint(lambda: Datagrams(lp), local_addr=(HOST, 0))
+    srv, server = await lp.create_datagram_endpoint(
+        lambda: DatagramRecorder(lp), local_addr=(HOST, 0)
+    )
     addr = srv.get_extra_info("sockname")
-    ctr, client = await lp.create_datagram_endpoint(lambda: Datagrams(lp), remote_addr=addr)
+    ctr, client = await lp.create_datagram_endpoint(lambda: DatagramRecorder(lp), remote_addr=addr)
     out = []
     with pytest.raises(ValueError) as info:
         ctr.sendto(b"x", (HOST, addr[1] + 1 if addr[1] < 65535 else 1))
@@ -629,7 +602,7 @@ def test_udp_error_received_port_unreachable(loop):
         closed_addr = probe.getsockname()
         probe.close()
         tr, proto = await loop.create_datagram_endpoint(
-            lambda: Datagrams(loop), remote_addr=closed_addr
+            lambda: DatagramRecorder(loop), remote_addr=closed_addr
         )
         tr.sendto(b"anyone there?")
         exc = await proto.error
@@ -649,11 +622,11 @@ def test_udp_reuse_port(loop):
 
     async def main():
         tr1, p1 = await loop.create_datagram_endpoint(
-            lambda: Datagrams(loop), local_addr=(HOST, 0), reuse_port=True
+            lambda: DatagramRecorder(loop), local_addr=(HOST, 0), reuse_port=True
         )
         addr = tr1.get_extra_info("sockname")
         tr2, p2 = await loop.create_datagram_endpoint(
-            lambda: Datagrams(loop), local_addr=addr, reuse_port=True
+            lambda: DatagramRecorder(loop), local_addr=addr, reuse_port=True
         )
         opts = [
             t.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) != 0
@@ -662,7 +635,7 @@ def test_udp_reuse_port(loop):
         same = tr2.get_extra_info("sockname") == addr
         # Without reuse_port the port is busy.
         with pytest.raises(OSError) as info:
-            await loop.create_datagram_endpoint(lambda: Datagrams(loop), local_addr=addr)
+            await loop.create_datagram_endpoint(lambda: DatagramRecorder(loop), local_addr=addr)
         busy = info.value.errno
         for t, p in ((tr1, p1), (tr2, p2)):
             t.close()
@@ -677,7 +650,7 @@ def test_udp_allow_broadcast(loop):
         result = []
         for allow in (False, True):
             tr, p = await loop.create_datagram_endpoint(
-                lambda: Datagrams(loop), local_addr=(HOST, 0), allow_broadcast=allow
+                lambda: DatagramRecorder(loop), local_addr=(HOST, 0), allow_broadcast=allow
             )
             sock = tr.get_extra_info("socket")
             result.append(sock.getsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST) != 0)
@@ -694,7 +667,7 @@ def test_udp_existing_socket(loop):
         sock.bind((HOST, 0))
         addr = sock.getsockname()
         tr, proto = await loop.create_datagram_endpoint(
-            lambda: Datagrams(loop, echo=True), sock=sock
+            lambda: DatagramRecorder(loop, echo=True), sock=sock
         )
         assert not sock.getblocking()  # asyncio made it non-blocking
         assert tr.get_extra_info("sockname") == addr
@@ -721,10 +694,10 @@ def test_udp_unix_datagram(loop):
             spath = os.path.join(d, "server.sock")
             cpath = os.path.join(d, "client.sock")
             str_, server = await loop.create_datagram_endpoint(
-                lambda: Datagrams(loop, echo=True), local_addr=spath, family=socket.AF_UNIX
+                lambda: DatagramRecorder(loop, echo=True), local_addr=spath, family=socket.AF_UNIX
             )
             ctr, client = await loop.create_datagram_endpoint(
-                lambda: Datagrams(loop),
+                lambda: DatagramRecorder(loop),
                 local_addr=cpath,
                 remote_addr=spath,
                 family=socket.AF_UNIX,
@@ -739,7 +712,7 @@ def test_udp_unix_datagram(loop):
             )
             # An unbound sender: the server sees its (empty) address as asyncio gives it.
             utr, unbound = await loop.create_datagram_endpoint(
-                lambda: Datagrams(loop), remote_addr=spath, family=socket.AF_UNIX
+                lambda: DatagramRecorder(loop), remote_addr=spath, family=socket.AF_UNIX
             )
             utr.sendto(b"anon")
             while len(server.received) < 2:
@@ -768,7 +741,7 @@ def test_udp_unix_datagram_existing_path(loop):
             stale.close()
             try:
                 tr, p = await loop.create_datagram_endpoint(
-                    lambda: Datagrams(loop), local_addr=path, family=socket.AF_UNIX
+                    lambda: DatagramRecorder(loop), local_addr=path, family=socket.AF_UNIX
                 )
             except OSError as exc:
                 return "refused", exc.errno
@@ -781,7 +754,9 @@ def test_udp_unix_datagram_existing_path(loop):
 
 def test_udp_pause_protocol_flow_control_api(loop):
     async def main():
-        tr, p = await loop.create_datagram_endpoint(lambda: Datagrams(loop), local_addr=(HOST, 0))
+        tr, p = await loop.create_datagram_endpoint(
+            lambda: DatagramRecorder(loop), local_addr=(HOST, 0)
+        )
         limits = tr.get_write_buffer_limits() if hasattr(tr, "get_write_buffer_limits") else None
         tr.set_write_buffer_limits(high=1024, low=128)
         new_limits = tr.get_write_buffer_limits()
@@ -844,7 +819,7 @@ def test_udp_many_datagrams_in_order_with_sizes(loop):
 
     async def main():
         srv, server = await loop.create_datagram_endpoint(
-            lambda: Datagrams(loop), local_addr=(HOST, 0)
+            lambda: DatagramRecorder(loop), local_addr=(HOST, 0)
         )
         addr = srv.get_extra_info("sockname")
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
