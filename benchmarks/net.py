@@ -5,13 +5,19 @@
   server modes (raw ``sock_*``, asyncio streams, ``asyncio.Protocol``), three message sizes and
   three concurrencies; requests/s and p99 latency per point;
 - http: a minimal HTTP/1.1 keep-alive server on ``asyncio.Protocol`` loaded with ``wrk``;
-- memory: the server's peak RSS holding 10,000 idle connections, in KiB per connection.
+- memory: the server's peak RSS holding 10,000 idle connections, in KiB per connection;
+- tls: the ``protocol`` echo server over TLS (``ssl=`` with a certificate made at run time),
+  driven by the same client speaking TLS with the stdlib ``ssl`` module;
+- https: the HTTP server over TLS, loaded with ``wrk``;
+- udp: an echo server on ``loop.create_datagram_endpoint``, one datagram in flight per client
+  socket.
 
-    python benchmarks/net.py                      # the whole matrix (about 10 minutes)
+    python benchmarks/net.py                      # the whole matrix (about 16 minutes)
     python benchmarks/net.py --quick              # a smoke run of a few points
     python benchmarks/net.py --modes protocol --sizes 1k --concurrency 10,100 \
         --loops uvloop,ferroloop
     python benchmarks/net.py --write --json out.json
+    python benchmarks/net.py --parts tls,https,udp --write   # only these sub-sections change
 
 See benchmarks/README.md ("Network") for the method.
 """
@@ -22,6 +28,7 @@ import os
 import re
 import select
 import shutil
+import ssl
 import statistics
 import subprocess
 import sys
@@ -49,7 +56,14 @@ MODES = {
 SIZES = {"1k": 1024, "10k": 10 * 1024, "100k": 100 * 1024}
 CONCURRENCY = (1, 10, 100)
 HTTP_CONNS = (1, 64, 256)
-PARTS = ("echo", "http", "memory")
+PARTS = ("echo", "http", "memory", "tls", "https", "udp")
+TCP_PARTS = ("echo", "http", "memory")  # the section's main block (one header, one target line)
+SUB_PARTS = ("tls", "https", "udp")  # each its own sub-block, written (and kept) on its own
+TLS_SIZES = ("1k", "10k")
+TLS_CONCURRENCY = (1, 10, 100)
+UDP_SIZES = ("1k", "10k")
+UDP_CONCURRENCY = (1, 10)
+TLS_TARGET = 1.0  # issue 4: ferroloop at least as fast as uvloop on every TLS row
 CLIENT_BOUND = 0.9  # a client CPU share above this: the client may have been the bottleneck
 
 
@@ -65,10 +79,11 @@ class Server:
     """One net_server.py process. It prints JSON lines on stdout; it stops when its stdin is
     closed, and by itself after ``lifetime`` seconds."""
 
-    def __init__(self, loop, kind, lifetime, expect=0):
+    def __init__(self, loop, kind, lifetime, expect=0, extra=()):
         self.loop, self.kind = loop, kind
         self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
         cmd = [sys.executable, str(SERVER), loop, kind, "--lifetime", str(int(lifetime))]
+        cmd += [str(x) for x in extra]
         cmd += pin_args(SERVER_CPU)
         if expect:
             cmd += ["--expect", str(expect)]
@@ -111,6 +126,9 @@ class Server:
         if self.info is not None and "missing" in self.info:
             self.error = "missing (" + self.info["missing"] + ")"
             self.info = None
+        elif self.info is not None and "unsupported" in self.info:
+            self.error = "unsupported (" + self.info["unsupported"] + ")"
+            self.info = None
         return self.info
 
     @property
@@ -130,7 +148,7 @@ class Server:
             self.proc.kill()
             code = self.proc.wait()
             problems.append(f"did not stop within {timeout} s of stdin EOF (killed)")
-        if code not in (0, None) and not (code == 2 and self.error):
+        if code not in (0, None) and not (code in (2, 3) and self.error):
             problems.append(f"exit status {code}")
         tail = self.stderr_tail(lines=6)
         if tail:
@@ -211,13 +229,27 @@ def stop_all(servers, point, problems):
 # --- echo ----------------------------------------------------------------------------------
 
 
-def measure_echo(mode, size, conns, loops, args, problems):
+def measure_echo(
+    mode,
+    size,
+    conns,
+    loops,
+    args,
+    problems,
+    command="echo",
+    client_extra=(),
+    server_extra=(),
+    target="tcp",
+):
     """One point: a fresh server per loop (all started at once, idle until driven), then
-    ``repeat`` rounds, each loop once per round."""
+    ``repeat`` rounds, each loop once per round. ``mode``: the server's kind; ``command``: the
+    client's (``echo`` or ``udp``); ``target``: ferroloop / uvloop requests/s to meet, None for
+    none ("tcp": the TCP echo target for this size)."""
     per_run = args.warmup + args.duration + 3
     lifetime = 30 + args.repeat * len(loops) * (per_run + 5)
-    point = f"echo {mode} {size_label(size)} x{conns}"
-    servers = {name: Server(name, mode, lifetime) for name in loops}
+    point = f"{command} {mode}" if command != mode else mode
+    point = f"{point} {size_label(size)} x{conns}"
+    servers = {name: Server(name, mode, lifetime, extra=server_extra) for name in loops}
     samples = {name: [] for name in loops}
     errors = {}
     for name, server in servers.items():
@@ -231,7 +263,7 @@ def measure_echo(mode, size, conns, loops, args, problems):
             server = servers[name]
             result, error = run_client(
                 [
-                    "echo",
+                    command,
                     "--port",
                     server.port,
                     "--size",
@@ -244,6 +276,7 @@ def measure_echo(mode, size, conns, loops, args, problems):
                     args.warmup,
                     "--server-pid",
                     server.info["pid"],
+                    *client_extra,
                 ],
                 timeout=per_run + 30,
             )
@@ -252,13 +285,15 @@ def measure_echo(mode, size, conns, loops, args, problems):
                 progress(f"  {point:<26} {name:<10} #{rep + 1}: {error}")
                 continue
             samples[name].append(result)
+            lost = f"  lost {result['lost']}" if result.get("lost") else ""
             progress(
                 f"  {point:<26} {name:<10} #{rep + 1}: {result['rps']:>9,.0f} req/s"
                 f"  p99 {result['p99_ms']:7.3f} ms  cpu client {result['client_cpu']:.0%}"
                 f" server {fmt_share(result['server_cpu'])} others {fmt_share(result['other_cpu'])}"
+                + lost
             )
     stop_all(servers, point, problems)
-    return summarise(samples, errors, target_ratio(size))
+    return summarise(samples, errors, target_ratio(size) if target == "tcp" else target)
 
 
 def summarise(samples, errors, target):
@@ -271,6 +306,7 @@ def summarise(samples, errors, target):
                 "client_cpu": max(r["client_cpu"] for r in runs),
                 "server_cpu": median_or_none([r["server_cpu"] for r in runs]),
                 "other_cpu": median_or_none([r.get("other_cpu") for r in runs]),
+                "lost": sum(r.get("lost") or 0 for r in runs),  # udp: datagrams sent again
                 # server CPU time per request: the server's efficiency, even where the two
                 # processes together saturate the machine and requests/s stop telling loops apart
                 "server_us_per_request": median_or_none(
@@ -342,7 +378,8 @@ def process_cpu(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_wrk(port, conns, args, pid):
+def run_wrk(port, conns, args, pid, scheme="http", duration=None):
+    duration = args.http_duration if duration is None else duration
     threads = max(1, min(args.wrk_threads, conns))
     cmd = [
         *taskset(CLIENT_CPU),
@@ -352,16 +389,16 @@ def run_wrk(port, conns, args, pid):
         "-c",
         str(conns),
         "-d",
-        f"{args.http_duration:g}s",
+        f"{duration:g}s",
     ]
-    cmd += ["--latency", f"http://127.0.0.1:{port}/"]
+    cmd += ["--latency", f"{scheme}://127.0.0.1:{port}/"]
     cpu0, t0 = process_cpu(pid), time.monotonic()
     try:
         out = subprocess.run(
             cmd,
             capture_output=True,
             text=True,
-            timeout=args.http_duration + 30,
+            timeout=duration + 30,
             check=False,
         )
     except subprocess.TimeoutExpired:
@@ -381,10 +418,12 @@ def all_zero(socket_errors):
     return all(int(n) == 0 for n in re.findall(r"\d+", socket_errors))
 
 
-def measure_http(conns, loops, args, problems):
-    lifetime = 30 + args.http_repeat * len(loops) * (args.http_duration + 10)
-    point = f"http x{conns}"
-    servers = {name: Server(name, "http", lifetime) for name in loops}
+def measure_http(conns, loops, args, problems, kind="http", server_extra=()):
+    """``kind``: ``http``, or ``https`` (the same server over TLS, ``wrk https://...``)."""
+    duration = args.https_duration if kind == "https" else args.http_duration
+    lifetime = 30 + args.http_repeat * len(loops) * (duration + 10)
+    point = f"{kind} x{conns}"
+    servers = {name: Server(name, kind, lifetime, extra=server_extra) for name in loops}
     samples = {name: [] for name in loops}
     errors = {}
     for name, server in servers.items():
@@ -394,7 +433,14 @@ def measure_http(conns, loops, args, problems):
         for name in rotated(loops, rep):
             if name in errors:
                 continue
-            result, error = run_wrk(servers[name].port, conns, args, servers[name].info["pid"])
+            result, error = run_wrk(
+                servers[name].port,
+                conns,
+                args,
+                servers[name].info["pid"],
+                scheme="https" if kind == "https" else "http",
+                duration=duration,
+            )
             if error:
                 errors[name] = error
                 progress(f"  {point:<26} {name:<10} #{rep + 1}: {error}")
@@ -558,7 +604,10 @@ def cell(summary, name, unavailable):
     if name in unavailable:
         return "missing" if unavailable[name].startswith("missing") else "error"
     if name in summary["errors"]:
-        return "timeout" if "timeout" in summary["errors"][name] else "error"
+        error = summary["errors"][name]
+        if error.startswith("unsupported"):
+            return "unsupported"
+        return "timeout" if "timeout" in error else "error"
     m = summary["median"].get(name)
     if m is None:
         return "-"
@@ -566,18 +615,22 @@ def cell(summary, name, unavailable):
     return f"{fmt_rps(m['rps'])} / {p99}"
 
 
-def table(rows, loops, unavailable, first_cols, with_target=True):
-    """rows: [(first column cells, summary)]. Cells: 'req/s / p99 ms'."""
+def table(rows, loops, unavailable, first_cols, with_target=True, target_column=True, lost=False):
+    """rows: [(first column cells, summary)]. Cells: 'req/s / p99 ms'. ``with_target``: the
+    closed-loop client's columns (target, server CPU per request, client and others' CPU);
+    ``target_column=False`` leaves the target out; ``lost``: a column of datagrams lost (udp)."""
     others = [n for n in loops if n != "asyncio"]
     head = [*first_cols, *loops, *(f"{n} vs asyncio" for n in others)]
     compare = CANDIDATE in loops and RIVAL in loops
     if compare:
         head.append("ferroloop vs uvloop")
-        if with_target:
+        if with_target and target_column:
             head.append("target")
     if with_target and compare:
         head.append("server CPU µs/req: uvloop / ferroloop")
     head.append("client CPU / others" if with_target else "server CPU (ferroloop)")
+    if lost:
+        head.append("lost: " + " / ".join(loops))
     lines = ["| " + " | ".join(head) + " |"]
     lines.append(
         "| "
@@ -589,7 +642,7 @@ def table(rows, loops, unavailable, first_cols, with_target=True):
         cells += [fmt_ratio(s["vs_asyncio"].get(n)) for n in others]
         if compare:
             cells.append(fmt_ratio(s["vs_uvloop"]))
-            if with_target:
+            if with_target and target_column:
                 goal = f"≥ {s['target']:.1f}x" if s["target"] else ""
                 cells.append(f"{fmt_met(s['met'])} ({goal})" if s["target"] else "n/a")
         if with_target and compare:
@@ -603,6 +656,9 @@ def table(rows, loops, unavailable, first_cols, with_target=True):
             cells.append(f"{fmt_share(top)}{flag} / {fmt_share(others_cpu)}")
         else:
             cells.append(fmt_share(s["median"].get(CANDIDATE, {}).get("server_cpu")))
+        if lost:
+            counts = [s["median"].get(n, {}).get("lost") for n in loops]
+            cells.append(" / ".join("-" if c is None else str(c) for c in counts))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -727,9 +783,185 @@ def markdown(report, loops, unavailable):
     return "\n".join(out)
 
 
-def write_readme(section):
+def sub_run_line(report, part):
+    """The first lines of a sub-block: when and how its part ran (sub-blocks are written, and
+    kept, on their own, so each says which run it comes from)."""
+    m, a = report["machine"], report["args"]
+    quick = (
+        " (`--quick`: a smoke run of a few points, not a measurement)" if report["quick"] else ""
+    )
+    pkgs = ", ".join(f"{k} {v}" for k, v in m["packages"].items())
+    if part == "https" and report.get("wrk"):
+        pkgs += f", wrk {report['wrk']}"
+    if part in ("tls", "https"):
+        pkgs += f"; {report.get('openssl', ssl.OPENSSL_VERSION)}"
+    pin = "client and server pinned to different CPUs" if a["pin"] else "not pinned"
+    return [
+        (
+            f"Run: {m['date']}{quick}. {m['nproc']} CPUs ({m['cpu']}), {m['os']}; "
+            f"{m['python']}; {pkgs}. Load average (1, 5, 15 min) at start "
+            f"{m['load_average']}, at end {report.get('load_average_end') or load_average()}; {pin}."
+        ),
+    ]
+
+
+def closed_loop_method(report, runs_what):
+    a = report["args"]
+    return (
+        f"Median of {a['repeat']} runs per point, loops interleaved (rotated order each round); "
+        f"each run {a['warmup']:g} s warm-up + {a['duration']:g} s measured; a fresh server "
+        f"process per loop and point; {runs_what}. Cells: requests/s / p99 latency in ms; "
+        "ratios: requests/s of the loop / of the baseline (higher is better); `server CPU "
+        "µs/req`, `client CPU` (highest of the row) and `others` (median CPU of every other "
+        "process, of 200 %) as in the echo tables above."
+    )
+
+
+def tls_block(report, loops, unavailable):
+    rows = report.get("tls") or []
+    out = [
+        "#### TLS echo: the `protocol` echo server with `loop.create_server(..., ssl=context)`",
+        "",
+        *sub_run_line(report, "tls"),
+        "",
+        closed_loop_method(
+            report,
+            "server context `ssl.create_default_context(Purpose.CLIENT_AUTH)` with a "
+            "certificate for localhost/127.0.0.1 from a CA made at run time (trustme); client: "
+            "the same epoll echo client over the stdlib `ssl` module (non-blocking `SSLSocket`s "
+            "trusting that CA, handshakes done before the clock starts)"
+            + (f"; negotiated: {report['tls_negotiated']}" if report.get("tls_negotiated") else ""),
+        ),
+        "",
+    ]
+    items = [((size_label(s["size"]), str(s["conns"])), s) for s in rows]
+    out += [table(items, loops, unavailable, ["size", "conns"]), ""]
+    met = [s["met"] for s in rows if s["met"] is not None]
+    if met:
+        out += [
+            (
+                "Target (issue 4: ferroloop at least as fast as uvloop on every TLS row): met on "
+                f"{sum(met)} of {len(met)} rows."
+            ),
+            "",
+        ]
+    return out + problems_lines(report, "tls", loops, unavailable)
+
+
+def https_block(report, loops, unavailable):
+    a = report["args"]
+    out = [
+        "#### HTTPS keep-alive: the HTTP server with `ssl=`, loaded with wrk",
+        "",
+        *sub_run_line(report, "https"),
+        "",
+    ]
+    if report.get("https_skipped"):
+        return out + [f"Not run: {report['https_skipped']}", ""]
+    out += [
+        (
+            f"`wrk -t {a['wrk_threads']} -c N -d {a['https_duration']:g}s --latency "
+            "https://127.0.0.1:PORT/` (threads: at most N; wrk's handshakes are inside its "
+            f"timed run), the same server and certificate as the TLS echo rows; median of "
+            f"{a['http_repeat']} runs, loops interleaved. Cells: requests/s / p99 latency in "
+            "ms. No target is set for this row; `server CPU`: ferroloop's server's CPU share "
+            "during the wrk run."
+        ),
+        "",
+    ]
+    items = [((str(s["conns"]),), s) for s in report.get("https") or []]
+    out += [table(items, loops, unavailable, ["conns"], with_target=False), ""]
+    return out + problems_lines(report, "https", loops, unavailable)
+
+
+def udp_block(report, loops, unavailable):
+    rows = report.get("udp") or []
+    out = [
+        (
+            "#### UDP echo: `loop.create_datagram_endpoint` with an `asyncio.DatagramProtocol` "
+            "(`transport.sendto` in `datagram_received`)"
+        ),
+        "",
+        *sub_run_line(report, "udp"),
+        "",
+        closed_loop_method(
+            report,
+            "client: C connected UDP sockets on one epoll, one datagram in flight per socket "
+            "(`conns` = sockets), an echo that does not come back within 0.2 s is counted lost "
+            "and the datagram sent again; the server's `SO_RCVBUF` is 1 MiB for every loop (the "
+            "208 KiB default drops datagrams at 10 KiB x 10 whatever the loop)",
+        ),
+        "",
+    ]
+    items = [((size_label(s["size"]), str(s["conns"])), s) for s in rows]
+    out += [table(items, loops, unavailable, ["size", "conns"], target_column=False, lost=True)]
+    out += [
+        "",
+        "`lost`: datagrams counted lost over all the runs of the row, per loop. No target: UDP.",
+        "",
+    ]
+    return out + problems_lines(report, "udp", loops, unavailable)
+
+
+def problems_lines(report, part, loops, unavailable):
+    notes = [
+        f"- {name}: not supported: starting the server raised {why.rstrip(': ')}."
+        for name, why in report.get("unsupported", {}).get(part, {}).items()
+    ]
+    notes = ["Notes:", "", *notes, ""] if notes else []
+    problems = [f"- {name}: {why}" for name, why in unavailable.items() if name in loops]
+    problems += [f"- {p}" for p in report.get("part_problems", {}).get(part, [])]
+    return notes + (["Problems seen during the run:", "", *problems, ""] if problems else [])
+
+
+def note_errors(report, part, what, summary):
+    """A loop that cannot start this server is a note of the part (once); anything else is a
+    problem of the run."""
+    for name, error in summary["errors"].items():
+        if error.startswith("unsupported"):
+            why = error[len("unsupported") :].strip(" ()") or "unsupported"
+            report.setdefault("unsupported", {}).setdefault(part, {}).setdefault(name, why)
+        else:
+            report["part_problems"][part].append(f"{name} on {what}: {error}")
+
+
+SUB_BLOCKS = {"tls": tls_block, "https": https_block, "udp": udp_block}
+
+
+def sub_markers(part):
+    return f"<!-- net:{part}:start -->", f"<!-- net:{part}:end -->"
+
+
+def split_section(section):
+    """An existing net section: (its main block, {part: sub-block})."""
+    blocks = {}
+    for part in SUB_PARTS:
+        start, end = sub_markers(part)
+        if start in section and end in section:
+            head, rest = section.split(start, 1)
+            body, tail = rest.split(end, 1)
+            blocks[part] = body.strip("\n")
+            section = head.rstrip("\n") + "\n\n" + tail.lstrip("\n")
+    return section.strip("\n"), blocks
+
+
+def write_readme(main_block, sub_blocks):
+    """Rewrite the net section: ``main_block`` (the echo/HTTP/memory tables) replaces the one
+    there, or None keeps it; ``sub_blocks`` ({part: text}) replace those parts' sub-blocks and
+    every other sub-block already there is kept."""
     text = README.read_text() if README.exists() else "# Benchmarks\n"
-    block = f"{START}\n{section}\n{END}"
+    old_main, old_subs = "", {}
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        old_main, old_subs = split_section(rest.split(END, 1)[0])
+    main_block = old_main if main_block is None else main_block.strip("\n")
+    subs = {**old_subs, **{p: b.strip("\n") for p, b in sub_blocks.items()}}
+    pieces = [main_block] if main_block else []
+    for part in SUB_PARTS:
+        if part in subs:
+            start, end = sub_markers(part)
+            pieces.append(f"{start}\n{subs[part]}\n\n{end}")
+    block = f"{START}\n" + "\n\n".join(pieces) + f"\n\n{END}"
     if START in text and END in text:
         head, rest = text.split(START, 1)
         text = head + block + rest.split(END, 1)[1]
@@ -738,7 +970,85 @@ def write_readme(section):
     README.write_text(text)
 
 
+def write_report(report, loops, unavailable, parts):
+    main_block = markdown(report, loops, unavailable) if set(parts) & set(TCP_PARTS) else None
+    subs = {
+        p: "\n".join(SUB_BLOCKS[p](report, loops, unavailable)) for p in SUB_PARTS if p in parts
+    }
+    write_readme(main_block, subs)
+
+
+def make_certificates(directory):
+    """A throw-away CA and a certificate for localhost / 127.0.0.1 (trustme, or None if it is
+    not installed): (certfile, keyfile, cafile)."""
+    try:
+        import trustme
+    except ImportError:
+        return None
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    d = Path(directory)
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    cert.private_key_pem.write_to_path(str(d / "key.pem"))
+    for i, pem in enumerate(cert.cert_chain_pems):
+        pem.write_to_path(str(d / "cert.pem"), append=i > 0)
+    return str(d / "cert.pem"), str(d / "key.pem"), str(d / "ca.pem")
+
+
 # --- main ----------------------------------------------------------------------------------
+
+
+def run_sub_parts(report, parts, runnable, args, certs, tls_points, udp_points, loops, unavailable):
+    """The tls, https and udp parts (each adds to report[part] and report["part_problems"])."""
+    tls_sizes, tls_concs, https_conns = tls_points
+    server_tls = ["--certfile", certs[0], "--keyfile", certs[1]] if certs else []
+    if "tls" in parts and certs:
+        problems = report["part_problems"]["tls"]
+        for size in tls_sizes:
+            for conns in tls_concs:
+                s = measure_echo(
+                    "tls",
+                    size,
+                    conns,
+                    runnable,
+                    args,
+                    problems,
+                    client_extra=["--tls", certs[2]],
+                    server_extra=server_tls,
+                    target=TLS_TARGET,
+                )
+                s.update(size=size, conns=conns)
+                report["tls"].append(s)
+                note_errors(report, "tls", f"tls {size_label(size)} x{conns}", s)
+                for runs in s["samples"].values():
+                    if runs and runs[0].get("tls"):
+                        report["tls_negotiated"] = runs[0]["tls"]
+        print("\n" + "\n".join(tls_block(report, loops, unavailable)), flush=True)
+    if "https" in parts and certs:
+        version = wrk_version() if shutil.which("wrk") else None
+        if version is None:
+            report["https_skipped"] = "wrk is not installed (apt-get install -y wrk)"
+        else:
+            report["wrk"] = version
+            problems = report["part_problems"]["https"]
+            for conns in https_conns:
+                s = measure_http(conns, runnable, args, problems, "https", server_tls)
+                s["conns"] = conns
+                report["https"].append(s)
+                note_errors(report, "https", f"https x{conns}", s)
+        print("\n" + "\n".join(https_block(report, loops, unavailable)), flush=True)
+    if "udp" in parts:
+        udp_sizes, udp_concs = udp_points
+        problems = report["part_problems"]["udp"]
+        for size in udp_sizes:
+            for conns in udp_concs:
+                s = measure_echo(
+                    "udp", size, conns, runnable, args, problems, command="udp", target=None
+                )
+                s.update(size=size, conns=conns)
+                report["udp"].append(s)
+                note_errors(report, "udp", f"udp {size_label(size)} x{conns}", s)
+        print("\n" + "\n".join(udp_block(report, loops, unavailable)), flush=True)
 
 
 def parse_sizes(value):
@@ -766,7 +1076,7 @@ def parse_ints(value):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--loops", default=",".join(LOOPS), help="comma-separated subset")
-    parser.add_argument("--parts", default=",".join(PARTS), help="echo,http,memory")
+    parser.add_argument("--parts", default=",".join(PARTS), help="echo,http,memory,tls,https,udp")
     parser.add_argument("--modes", default=",".join(MODES), help="echo modes: sock,streams,...")
     parser.add_argument("--sizes", default=",".join(SIZES), help="1k,10k,100k or bytes")
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
@@ -779,6 +1089,12 @@ def main():
     parser.add_argument("--http-duration", type=float, default=3.0, help="wrk -d (seconds)")
     parser.add_argument("--http-repeat", type=int, default=3, help="wrk runs per point")
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk -t (at most -c)")
+    parser.add_argument("--tls-sizes", default=",".join(TLS_SIZES), help="tls: 1k,10k")
+    parser.add_argument("--tls-concurrency", default=",".join(map(str, TLS_CONCURRENCY)))
+    parser.add_argument("--https-conns", default=",".join(map(str, HTTP_CONNS)))
+    parser.add_argument("--https-duration", type=float, default=2.0, help="wrk -d for https")
+    parser.add_argument("--udp-sizes", default=",".join(UDP_SIZES), help="udp: 1k,10k")
+    parser.add_argument("--udp-concurrency", default=",".join(map(str, UDP_CONCURRENCY)))
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few points")
     parser.add_argument("--pin", action="store_true", help="client and server on different CPUs")
     parser.add_argument("--write", action="store_true", help="update README.md's net section")
@@ -787,14 +1103,23 @@ def main():
     args = parser.parse_args()
     if args.from_json:
         report = json.loads(args.from_json.read_text())
+        report.setdefault("echo", {})
         for rows in report["echo"].values():  # recompute: the summary may have grown columns
             for row in rows:
                 row.update(summarise(row["samples"], row["errors"], target_ratio(row["size"])))
+        for row in report.get("tls") or []:
+            row.update(summarise(row["samples"], row["errors"], TLS_TARGET))
+        for row in report.get("udp") or []:
+            row.update(summarise(row["samples"], row["errors"], None))
         loops = pick(report["args"]["loops"], LOOPS, "loops")
-        section = markdown(report, loops, report["unavailable"])
-        print(section)
+        parts = pick(report["args"]["parts"], PARTS, "parts")
+        if set(parts) & set(TCP_PARTS):
+            print(markdown(report, loops, report["unavailable"]))
+        for part in SUB_PARTS:
+            if part in parts:
+                print("\n".join(SUB_BLOCKS[part](report, loops, report["unavailable"])))
         if args.write:
-            write_readme(section)
+            write_report(report, loops, report["unavailable"], parts)
             progress(f"results written to {README}")
         return 0
     loops = pick(args.loops, LOOPS, "loops")
@@ -803,8 +1128,17 @@ def main():
     memory_modes = pick(args.memory_modes, MODES, "memory modes")
     sizes, concs = parse_sizes(args.sizes), parse_ints(args.concurrency)
     http_conns = parse_ints(args.http_conns)
+    tls_sizes, tls_concs = parse_sizes(args.tls_sizes), parse_ints(args.tls_concurrency)
+    https_conns = parse_ints(args.https_conns)
+    udp_sizes, udp_concs = parse_sizes(args.udp_sizes), parse_ints(args.udp_concurrency)
     if args.quick:
         given = set(re.findall(r"--([\w-]+)", " ".join(sys.argv[1:])))
+        tls_sizes = tls_sizes if "tls-sizes" in given else [SIZES["1k"], SIZES["10k"]]
+        tls_concs = tls_concs if "tls-concurrency" in given else [10]
+        https_conns = https_conns if "https-conns" in given else [64]
+        args.https_duration = args.https_duration if "https-duration" in given else 1.0
+        udp_sizes = udp_sizes if "udp-sizes" in given else [SIZES["1k"], SIZES["10k"]]
+        udp_concs = udp_concs if "udp-concurrency" in given else [10]
         sizes = sizes if "sizes" in given else [SIZES["1k"], SIZES["100k"]]
         concs = concs if "concurrency" in given else [10]
         http_conns = http_conns if "http-conns" in given else [64]
@@ -834,8 +1168,19 @@ def main():
         "http": [],
         "memory": {},
         "problems": [],
+        "tls": [],
+        "https": [],
+        "udp": [],
+        "part_problems": {part: [] for part in SUB_PARTS},
+        "openssl": ssl.OPENSSL_VERSION,
     }
     started = time.monotonic()
+    certs_dir = tempfile.TemporaryDirectory(prefix="ferroloop-net-")
+    certs = None
+    if {"tls", "https"} & set(parts):
+        certs = make_certificates(certs_dir.name)
+        if certs is None:
+            progress("trustme is not installed: the tls and https parts are skipped")
 
     if "echo" in parts:
         for mode in modes:
@@ -883,13 +1228,27 @@ def main():
         print("\nmemory")
         print(memory_table(report["memory"], loops, unavailable) + "\n")
 
+    run_sub_parts(
+        report,
+        parts,
+        runnable,
+        args,
+        certs,
+        (tls_sizes, tls_concs, https_conns),
+        (udp_sizes, udp_concs),
+        loops,
+        unavailable,
+    )
+    certs_dir.cleanup()
+
     report["load_average_end"] = load_average()
     report["seconds"] = time.monotonic() - started
     progress(f"took {report['seconds']:.0f} s")
-    for problem in report["problems"]:
+    part_problems = [p for part in SUB_PARTS for p in report["part_problems"][part]]
+    for problem in report["problems"] + part_problems:
         print(f"PROBLEM: {problem}")
     if args.write:
-        write_readme(markdown(report, loops, unavailable))
+        write_report(report, loops, unavailable, parts)
         progress(f"results written to {README}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/net_server.py LOOP KIND [--lifetime S] [--expect N]
+        [--certfile PEM --keyfile PEM]
 
 KIND is one of
 
@@ -10,7 +11,15 @@ KIND is one of
 - ``streams``: an echo server on ``asyncio.start_server`` (``reader.read``, ``writer.write``,
   ``await writer.drain()``);
 - ``protocol``: an echo server on ``loop.create_server`` with an ``asyncio.Protocol``;
-- ``http``: a minimal HTTP/1.1 keep-alive server on ``asyncio.Protocol`` (a fixed response).
+- ``http``: a minimal HTTP/1.1 keep-alive server on ``asyncio.Protocol`` (a fixed response);
+- ``tls``: the ``protocol`` echo server over TLS (``loop.create_server(..., ssl=context)``);
+- ``https``: the ``http`` server over TLS;
+- ``udp``: an echo server on ``loop.create_datagram_endpoint`` (``transport.sendto`` of every
+  datagram back to its sender).
+
+``tls`` and ``https`` need ``--certfile`` and ``--keyfile`` (PEM; the runner makes a throw-away
+CA and a certificate for 127.0.0.1 at run time): the server's context is
+``ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)`` with that chain.
 
 The echo servers echo whatever arrives, in the chunks it arrives in (reads of up to 256 KiB);
 the client decides what a request is. The server listens on 127.0.0.1 (a free port) and prints
@@ -21,7 +30,8 @@ the process has settled: the RSS before the connections, and the RSS and peak RS
 The server stops when its stdin reaches end of file (the runner closes it, or the runner died),
 and ends by itself after ``--lifetime`` seconds in any case (``SIGALRM``, whose default action
 ends the process even if the loop hangs). Exit status 2 with ``{"missing": ...}``: the loop's
-package is not installed.
+package is not installed; exit status 3 with ``{"unsupported": ...}``: the loop raised when asked
+to start this kind of server (rloop and ``ssl=``, for instance).
 """
 
 import argparse
@@ -32,6 +42,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -43,7 +54,13 @@ from workloads import LOOPS, MISSING, load_factory
 HOST = "127.0.0.1"
 READ_SIZE = 256 * 1024  # what asyncio's transports read at once (selector_events max_size)
 BACKLOG = 4096
-KINDS = ("sock", "streams", "protocol", "http")
+KINDS = ("sock", "streams", "protocol", "http", "tls", "https", "udp")
+UNSUPPORTED = 3
+# The kernel's default UDP receive buffer (net.core.rmem_default, 208 KiB here) holds only about
+# ten 10 KiB datagrams (each costs its buffer's true size, not its length): ten clients in step
+# then overflow it now and then and the datagram is dropped whatever the loop. 1 MiB (at most
+# net.core.rmem_max) takes that artefact away, the same for every loop.
+UDP_RCVBUF = 1 << 20
 HTTP_RESPONSE = (
     b"HTTP/1.1 200 OK\r\n"
     b"Content-Type: text/plain\r\n"
@@ -134,6 +151,18 @@ class HttpProtocol(asyncio.Protocol):
         open_connections -= 1
 
 
+class UdpEchoProtocol(asyncio.DatagramProtocol):
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        self.transport.sendto(data, addr)
+
+    def error_received(self, exc):
+        global connection_errors
+        connection_errors += 1
+
+
 async def stream_echo(reader, writer):
     global open_connections, connection_errors
     open_connections += 1
@@ -179,7 +208,13 @@ async def sock_server(loop, lsock):
         task.add_done_callback(tasks.discard)
 
 
-async def start(loop, kind):
+def server_context(certfile, keyfile):
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certfile, keyfile)
+    return context
+
+
+async def start(loop, kind, context=None):
     """Start serving; return (port, closer)."""
     if kind == "sock":
         lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -194,15 +229,22 @@ async def start(loop, kind):
             lsock.close()
 
         return lsock.getsockname()[1], close
+    if kind == "udp":
+        transport, _ = await loop.create_datagram_endpoint(UdpEchoProtocol, local_addr=(HOST, 0))
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # room for every client's datagram in flight (see UDP_RCVBUF)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
+        return transport.get_extra_info("sockname")[1], transport.close
     if kind == "streams":
         server = await asyncio.start_server(stream_echo, HOST, 0, backlog=BACKLOG)
     else:
-        factory = HttpProtocol if kind == "http" else EchoProtocol
-        server = await loop.create_server(factory, HOST, 0, backlog=BACKLOG)
+        factory = HttpProtocol if kind in ("http", "https") else EchoProtocol
+        ssl_arg = context if kind in ("tls", "https") else None
+        server = await loop.create_server(factory, HOST, 0, backlog=BACKLOG, ssl=ssl_arg)
     return server.sockets[0].getsockname()[1], server.close
 
 
-async def serve(kind, expect, expect_timeout, settle):
+async def serve(kind, expect, expect_timeout, settle, context=None):
     loop = asyncio.get_running_loop()
     stopped = loop.create_future()
 
@@ -226,7 +268,11 @@ async def serve(kind, expect, expect_timeout, settle):
         sys.stderr.flush()
         os._exit(4)
 
-    port, close = await start(loop, kind)
+    try:
+        port, close = await start(loop, kind, context)
+    except Exception as exc:  # noqa: BLE001 (any failure: this loop cannot serve this kind)
+        emit({"loop": type(loop).__module__, "unsupported": f"{type(exc).__name__}: {exc}"})
+        return UNSUPPORTED
     gc.collect()
     peak_reset = reset_peak_rss() if expect else False
     baseline = status_kib("VmRSS")
@@ -251,6 +297,7 @@ async def serve(kind, expect, expect_timeout, settle):
     close()
     if connection_errors:
         sys.stderr.write(f"net_server: {connection_errors} connection errors (peer reset)\n")
+    return 0
 
 
 def main():
@@ -262,7 +309,14 @@ def main():
     parser.add_argument("--expect-timeout", type=float, default=60.0)
     parser.add_argument("--settle", type=float, default=0.5)
     parser.add_argument("--cpu", type=int, help="pin the process to this CPU")
+    parser.add_argument("--certfile", help="tls, https: the server's certificate chain (PEM)")
+    parser.add_argument("--keyfile", help="tls, https: the server's private key (PEM)")
     args = parser.parse_args()
+    context = None
+    if args.kind in ("tls", "https"):
+        if not (args.certfile and args.keyfile):
+            parser.error(f"{args.kind} needs --certfile and --keyfile")
+        context = server_context(args.certfile, args.keyfile)
     pin(args.cpu)
     signal.alarm(max(1, args.lifetime))  # the hard self-timeout: SIGALRM ends the process
     raise_nofile_limit()
@@ -274,11 +328,12 @@ def main():
     loop = factory()
     asyncio.set_event_loop(loop)
     try:
-        loop.run_until_complete(serve(args.kind, args.expect, args.expect_timeout, args.settle))
+        return loop.run_until_complete(
+            serve(args.kind, args.expect, args.expect_timeout, args.settle, context)
+        )
     finally:
         asyncio.set_event_loop(None)
         loop.close()
-    return 0
 
 
 if __name__ == "__main__":
