@@ -5,7 +5,8 @@ turn, readiness polling, handles) in front of asyncio's own Unix selector loop i
 method resolution order. Everything the core does not define (argument handling, the
 exception handler, executors, async generators, sockets, transports, servers, TLS, pipes,
 subprocesses, signals) is asyncio's own code for the running Python version, running on the
-native reactor.
+native reactor; the socket and datagram transports are asyncio's with a reused read buffer
+(``transports.py``), and nested runs are ``nested.py``'s.
 """
 
 import selectors
