@@ -25,9 +25,30 @@ fn read_clock(call: impl FnOnce(&mut libc::timespec) -> libc::c_int) -> f64 {
 }
 
 struct Entry<T> {
-    when: f64,
+    /// The deadline as an integer with the same order as the f64 (see `order_key`), so the
+    /// heap compares integers.
+    key: u64,
     seq: u64,
     item: T,
+}
+
+/// An f64 as a u64 with the same order (IEEE 754 total order): flip the sign bit of
+/// positive values, all bits of negative ones.
+fn order_key(when: f64) -> u64 {
+    let bits = when.to_bits();
+    if bits >> 63 == 1 {
+        !bits
+    } else {
+        bits | (1 << 63)
+    }
+}
+
+fn from_order_key(key: u64) -> f64 {
+    f64::from_bits(if key >> 63 == 1 {
+        key & !(1 << 63)
+    } else {
+        !key
+    })
 }
 
 impl<T> PartialEq for Entry<T> {
@@ -45,10 +66,7 @@ impl<T> Ord for Entry<T> {
     // Reversed: BinaryHeap is a max-heap and we want the earliest deadline on top;
     // equal deadlines fire in scheduling order (seq).
     fn cmp(&self, other: &Self) -> Ordering {
-        other
-            .when
-            .total_cmp(&self.when)
-            .then_with(|| other.seq.cmp(&self.seq))
+        (other.key, other.seq).cmp(&(self.key, self.seq))
     }
 }
 
@@ -75,7 +93,7 @@ impl<T> TimerHeap<T> {
     pub fn push(&mut self, when: f64, item: T) {
         self.seq += 1;
         self.heap.push(Entry {
-            when,
+            key: order_key(when),
             seq: self.seq,
             item,
         });
@@ -91,13 +109,13 @@ impl<T> TimerHeap<T> {
 
     /// The earliest entry, if any.
     pub fn peek(&self) -> Option<(f64, &T)> {
-        self.heap.peek().map(|e| (e.when, &e.item))
+        self.heap.peek().map(|e| (from_order_key(e.key), &e.item))
     }
 
     pub fn pop(&mut self) -> Option<(f64, T)> {
         let e = self.heap.pop()?;
         self.shrink();
-        Some((e.when, e.item))
+        Some((from_order_key(e.key), e.item))
     }
 
     /// Keep only the items for which `keep` is true (asyncio's purge of cancelled timers).
@@ -161,6 +179,28 @@ mod tests {
         assert_eq!(h.peek().map(|(w, x)| (w, *x)), Some((0.0, 0)));
         let order: Vec<_> = std::iter::from_fn(|| h.pop().map(|(_, x)| x)).collect();
         assert_eq!(order, vec![0, 2, 4, 6, 8]);
+    }
+
+    #[test]
+    fn order_key_keeps_the_order_of_floats() {
+        let xs = [
+            -1e300,
+            -2.5,
+            -0.0,
+            0.0,
+            1e-300,
+            0.5,
+            1.0,
+            3600.0,
+            1e300,
+            f64::INFINITY,
+        ];
+        for w in xs.windows(2) {
+            assert!(order_key(w[0]) <= order_key(w[1]), "{} {}", w[0], w[1]);
+        }
+        for x in xs {
+            assert_eq!(from_order_key(order_key(x)).to_bits(), x.to_bits());
+        }
     }
 
     #[test]
