@@ -9,6 +9,7 @@ native reactor; the socket and datagram transports are asyncio's with a reused r
 (``transports.py``), and nested runs are ``nested.py``'s.
 """
 
+import ipaddress
 import selectors
 import socket
 import sys
@@ -20,6 +21,22 @@ from . import _compat, transports
 from . import nested as _nested
 from ._ferroloop import EventLoop as _NativeLoop
 from ._ferroloop import Handle as _NativeHandle
+
+
+def _is_numeric_host(host):
+    if host is None:
+        return True
+    if not isinstance(host, str):
+        return False
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_numeric_port(port):
+    return port is None or type(port) is int or (isinstance(port, str) and port.isdigit())
 
 
 class EpollReactor:
@@ -84,6 +101,22 @@ class Loop(_NativeLoop, unix_events.SelectorEventLoop, metaclass=_nested.LoopTyp
         if _compat.MAKE_TRANSPORT_CHECKS_FD:
             self._ensure_fd_no_transport(sock)
         return transports.DatagramTransport(self, sock, protocol, address, waiter, extra)
+
+    async def getaddrinfo(self, host, port, *, family=0, type=0, proto=0, flags=0):
+        # A numeric host and port need no name service: answer on the loop thread instead
+        # of a round trip through the default executor (asyncio's create_connection takes
+        # the same shortcut itself). Debug mode keeps asyncio's timed lookup.
+        if (
+            not self._debug
+            and not self._executor_shutdown_called
+            and _is_numeric_host(host)
+            and _is_numeric_port(port)
+        ):
+            self._check_closed()
+            return socket.getaddrinfo(host, port, family, type, proto, flags)
+        return await super().getaddrinfo(
+            host, port, family=family, type=type, proto=proto, flags=flags
+        )
 
     def _add_callback(self, handle):
         if isinstance(handle, _NativeHandle):
