@@ -492,6 +492,15 @@ impl EventLoop {
         monotonic()
     }
 
+    /// `loop.create_future()`: asyncio's own Future, bound to this loop (asyncio's method,
+    /// without its Python frame).
+    fn create_future<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let kwargs = pyo3::types::PyDict::new(py);
+        kwargs.set_item(intern!(py, "loop"), slf)?;
+        py::future_class(py)?.call((), Some(&kwargs))
+    }
+
     /// `loop.create_task(coro, *, name=None, context=None)`: asyncio's own Task. The plain
     /// case (no task factory, no debug mode) is made here, saving a Python frame per task;
     /// everything else is asyncio's `BaseEventLoop.create_task`.

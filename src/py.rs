@@ -32,6 +32,7 @@ pub fn handle_repr(h: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
 }
 
 static TASKS_MODULE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+static FUTURES_MODULE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static BASE_CREATE_TASK_FN: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 /// `asyncio.tasks.Task`, read at each call as asyncio's `create_task` does (so a patched
@@ -56,4 +57,12 @@ pub fn base_create_task(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
             )
         })
         .map(|f| f.bind(py))
+}
+
+/// `asyncio.futures.Future`, read at each call as asyncio's `create_future` does.
+pub fn future_class(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    let m = FUTURES_MODULE.get_or_try_init(py, || {
+        Ok::<_, PyErr>(py.import("asyncio.futures")?.into_any().unbind())
+    })?;
+    m.bind(py).getattr(pyo3::intern!(py, "Future"))
 }
