@@ -9,6 +9,7 @@ For iterating on the tests without the native module, ``FERROLOOP_SKIP_NATIVE=1`
 """
 
 import asyncio
+import logging
 import os
 import sys
 
@@ -96,3 +97,14 @@ def ferroloop_module():
     if SKIP_NATIVE:
         pytest.skip("FERROLOOP_SKIP_NATIVE=1")
     return import_ferroloop()
+
+
+@pytest.fixture
+def no_unexpected_loop_errors(caplog):
+    """Fail a test if the loop's default exception handler logged an error during it.
+
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("no_unexpected_loop_errors")``.
+    """
+    yield
+    errors = [r for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]

@@ -73,3 +73,14 @@ class DatagramRecorder(asyncio.DatagramProtocol):
 
     def connection_lost(self, exc):
         self.lost.set_result(exc)
+
+
+def run(loop, coro, timeout=WATCHDOG):
+    """Run ``coro`` on ``loop``, failing (not hanging) if it takes longer than ``timeout``."""
+    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
+
+
+async def turns(n=5):
+    """Let the loop run a few turns."""
+    for _ in range(n):
+        await asyncio.sleep(0)

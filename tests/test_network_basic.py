@@ -6,7 +6,6 @@ half-open connections, UDP, and the Server object. Loopback only; nothing is tim
 """
 
 import asyncio
-import logging
 import os
 import shutil
 import socket
@@ -14,29 +13,13 @@ import tempfile
 from asyncio import base_events, trsock
 
 import pytest
-from parity_helpers import WATCHDOG, DatagramRecorder
+from parity_helpers import DatagramRecorder, run, turns
 
 # ---------------------------------------------------------------------------------------------
 # helpers
 
 
-@pytest.fixture(autouse=True)
-def no_unexpected_loop_errors(caplog):
-    """Fail a test if the loop's default exception handler logged an error during it."""
-    yield
-    errors = [r for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR]
-    assert not errors, [r.getMessage() for r in errors]
-
-
-def run(loop, coro, timeout=WATCHDOG):
-    """Run ``coro`` on ``loop``, failing (not hanging) if it takes longer than ``timeout``."""
-    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
-
-
-async def turns(n=5):
-    """Let the loop run a few turns."""
-    for _ in range(n):
-        await asyncio.sleep(0)
+pytestmark = pytest.mark.usefixtures("no_unexpected_loop_errors")
 
 
 class Recorder(asyncio.Protocol):

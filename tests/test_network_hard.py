@@ -20,19 +20,14 @@ import struct
 from asyncio import constants
 
 import pytest
-from parity_helpers import run_briefly
-from test_network_basic import BufferedRecorder, Echo, Recorder, run, turns
+from parity_helpers import run, run_briefly, turns
+from test_network_basic import BufferedRecorder, Echo, Recorder
 
 # ---------------------------------------------------------------------------------------------
 # helpers
 
 
-@pytest.fixture(autouse=True)
-def no_unexpected_loop_errors(caplog):
-    """Fail a test if the loop's default exception handler logged an error during it."""
-    yield
-    errors = [r for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR]
-    assert not errors, [r.getMessage() for r in errors]
+pytestmark = pytest.mark.usefixtures("no_unexpected_loop_errors")
 
 
 def fd_count():

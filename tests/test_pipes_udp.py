@@ -8,14 +8,13 @@ timed.
 
 import asyncio
 import errno
-import logging
 import os
 import socket
 import tempfile
 from asyncio import selector_events
 
 import pytest
-from parity_helpers import WATCHDOG, DatagramRecorder
+from parity_helpers import WATCHDOG, DatagramRecorder, run, turns
 
 HOST = "127.0.0.1"
 
@@ -23,22 +22,7 @@ HOST = "127.0.0.1"
 # helpers
 
 
-@pytest.fixture(autouse=True)
-def no_unexpected_loop_errors(caplog):
-    """Fail a test if the loop's default exception handler logged an error during it."""
-    yield
-    errors = [r for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR]
-    assert not errors, [r.getMessage() for r in errors]
-
-
-def run(loop, coro, timeout=WATCHDOG):
-    """Run ``coro`` on ``loop``, failing (not hanging) if it takes longer than ``timeout``."""
-    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
-
-
-async def turns(n=5):
-    for _ in range(n):
-        await asyncio.sleep(0)
+pytestmark = pytest.mark.usefixtures("no_unexpected_loop_errors")
 
 
 def has_ipv6_loopback():

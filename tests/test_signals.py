@@ -17,7 +17,7 @@ import textwrap
 import threading
 
 import pytest
-from parity_helpers import WATCHDOG
+from parity_helpers import WATCHDOG, run
 
 SAVED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT, signal.SIGHUP, signal.SIGALRM)
 
@@ -38,17 +38,7 @@ def restore_signal_state():
     signal.set_wakeup_fd(wakeup)
 
 
-@pytest.fixture(autouse=True)
-def no_unexpected_loop_errors(caplog):
-    """Fail a test if the loop's default exception handler logged an error during it."""
-    yield
-    errors = [r for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR]
-    assert not errors, [r.getMessage() for r in errors]
-
-
-def run(loop, coro, timeout=WATCHDOG):
-    """Run ``coro`` on ``loop``, failing (not hanging) if it takes longer than ``timeout``."""
-    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
+pytestmark = pytest.mark.usefixtures("no_unexpected_loop_errors")
 
 
 def in_thread(fn):

@@ -7,14 +7,13 @@ Children are short Python programs (sys.executable); nothing is timed.
 """
 
 import asyncio
-import logging
 import os
 import signal
 import subprocess
 import sys
 
 import pytest
-from parity_helpers import WATCHDOG
+from parity_helpers import WATCHDOG, run
 
 PY = sys.executable
 
@@ -22,17 +21,7 @@ PY = sys.executable
 # helpers
 
 
-@pytest.fixture(autouse=True)
-def no_unexpected_loop_errors(caplog):
-    """Fail a test if the loop's default exception handler logged an error during it."""
-    yield
-    errors = [r for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR]
-    assert not errors, [r.getMessage() for r in errors]
-
-
-def run(loop, coro, timeout=WATCHDOG):
-    """Run ``coro`` on ``loop``, failing (not hanging) if it takes longer than ``timeout``."""
-    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
+pytestmark = pytest.mark.usefixtures("no_unexpected_loop_errors")
 
 
 def open_fds():

@@ -6,14 +6,13 @@ handshake and shutdown timeouts are short only so that the tests are fast.
 """
 
 import asyncio
-import logging
 import os
 import socket
 import ssl
 import tempfile
 
 import pytest
-from parity_helpers import WATCHDOG
+from parity_helpers import run
 
 trustme = pytest.importorskip("trustme")
 
@@ -26,17 +25,7 @@ PASSWORD = b"s3cret"
 # helpers
 
 
-@pytest.fixture(autouse=True)
-def no_unexpected_loop_errors(caplog):
-    """Fail a test if the loop's default exception handler logged an error during it."""
-    yield
-    errors = [r for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR]
-    assert not errors, [r.getMessage() for r in errors]
-
-
-def run(loop, coro, timeout=WATCHDOG):
-    """Run ``coro`` on ``loop``, failing (not hanging) if it takes longer than ``timeout``."""
-    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
+pytestmark = pytest.mark.usefixtures("no_unexpected_loop_errors")
 
 
 class Certs:
