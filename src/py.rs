@@ -35,13 +35,28 @@ static TASKS_MODULE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static FUTURES_MODULE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static BASE_CREATE_TASK_FN: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
-/// `asyncio.tasks.Task`, read at each call as asyncio's `create_task` does (so a patched
-/// `tasks.Task` is honoured).
-pub fn task_class(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
-    let m = TASKS_MODULE.get_or_try_init(py, || {
-        Ok::<_, PyErr>(py.import("asyncio.tasks")?.into_any().unbind())
+/// `module.name`, looked up at each call (the module itself is cached): asyncio's own
+/// methods read `tasks.Task` and `futures.Future` at call time, so a patched one is honoured.
+fn live_attr<'py>(
+    cell: &PyOnceLock<Py<PyAny>>,
+    py: Python<'py>,
+    module: &str,
+    name: &Bound<'py, pyo3::types::PyString>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let m = cell.get_or_try_init(py, || {
+        Ok::<_, PyErr>(py.import(module)?.into_any().unbind())
     })?;
-    m.bind(py).getattr(pyo3::intern!(py, "Task"))
+    m.bind(py).getattr(name)
+}
+
+/// `asyncio.tasks.Task`, as asyncio's `create_task` reads it.
+pub fn task_class(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    live_attr(
+        &TASKS_MODULE,
+        py,
+        "asyncio.tasks",
+        pyo3::intern!(py, "Task"),
+    )
 }
 
 /// `asyncio.base_events.BaseEventLoop.create_task`: asyncio's own method, for the cases the
@@ -59,10 +74,12 @@ pub fn base_create_task(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
         .map(|f| f.bind(py))
 }
 
-/// `asyncio.futures.Future`, read at each call as asyncio's `create_future` does.
+/// `asyncio.futures.Future`, as asyncio's `create_future` reads it.
 pub fn future_class(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
-    let m = FUTURES_MODULE.get_or_try_init(py, || {
-        Ok::<_, PyErr>(py.import("asyncio.futures")?.into_any().unbind())
-    })?;
-    m.bind(py).getattr(pyo3::intern!(py, "Future"))
+    live_attr(
+        &FUTURES_MODULE,
+        py,
+        "asyncio.futures",
+        pyo3::intern!(py, "Future"),
+    )
 }

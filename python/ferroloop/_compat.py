@@ -9,9 +9,6 @@ import inspect
 import sys
 from asyncio import base_events, format_helpers, tasks
 
-PY312 = sys.version_info >= (3, 12)
-PY313 = sys.version_info >= (3, 13)
-
 # 3.13 split run_forever into _run_forever_setup/_run_forever_cleanup (and
 # BaseEventLoop.__init__ gained _old_agen_hooks); older versions inline them.
 HAS_RUN_FOREVER_SETUP = hasattr(base_events.BaseEventLoop, "_run_forever_setup")
