@@ -7,7 +7,13 @@ fastest of uvloop and rloop. ``make bench`` runs this; see benchmarks/README.md.
     python benchmarks/run.py                      # every row, every loop, 3 repetitions
     python benchmarks/run.py --quick              # small N: a smoke run
     python benchmarks/run.py --rows call_soon,memory --loops asyncio,ferroloop
+    python benchmarks/run.py --rows tasks --quick   # only the task rows (issue 6), small N
     python benchmarks/run.py --write --json out.json
+
+The task rows (``--rows tasks``: tasks_wait, gather, first_completed, task_chain) also run
+``ferroloop+task``: ferroloop's loop with ferroloop's native Task as task factory and
+``ferroloop.wait``/``ferroloop.gather``; they get a table of their own (ratios vs uvloop,
+target: ferroloop+task at least 2x uvloop), written between the ``tasks`` markers of the README.
 """
 
 import argparse
@@ -24,12 +30,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from workloads import LOOPS, MISSING, ROWS
+from workloads import LOOPS, MISSING, ROWS, TASK_ONLY_LOOPS, TASK_ROWS
 
 WORKLOADS = HERE / "workloads.py"
 README = HERE / "README.md"
 CHART = HERE / "results.png"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+TASKS_START, TASKS_END = "<!-- tasks:start -->", "<!-- tasks:end -->"
+TASK_CANDIDATE = "ferroloop+task"  # issue 6's target: at least TASK_TARGET x uvloop's speed
+TASK_BASELINE = "uvloop"
+TASK_TARGET = 2.0
 RIVALS = ("uvloop", "rloop")  # the target: ferroloop at least as fast as the best of these
 CANDIDATE = "ferroloop"
 
@@ -40,6 +50,7 @@ DESCRIPTIONS = {
     "tasks_wait": "tasks that await asyncio.sleep(0), then asyncio.wait on all",
     "gather": "asyncio.gather of coroutines that await asyncio.sleep(0)",
     "first_completed": "rounds of wait(FIRST_COMPLETED) over 20 tasks, cancel + await 19",
+    "task_chain": "chain of create_task + await, each awaited before the next is created",
     "memory": "cancelled one-hour call_later timers holding 1 KiB each: RSS still in use",
 }
 
@@ -75,8 +86,9 @@ def run_child(args, timeout):
 
 
 def probe_loops(names, timeout):
-    """Which loops import and make a loop? Return ({name: version}, {name: why not})."""
-    versions, unavailable = {}, {}
+    """Which loops import and make a loop? Return ({name: version}, {name: why not},
+    {name: which Task its tasks are})."""
+    versions, unavailable, task_impl = {}, {}, {}
     for name in names:
         result, error = run_child(["probe", name], timeout)
         if error:
@@ -85,7 +97,8 @@ def probe_loops(names, timeout):
             unavailable[name] = "missing (" + result["missing"] + ")"
         else:
             versions[name] = result["version"]
-    return versions, unavailable
+            task_impl[name] = result.get("task")
+    return versions, unavailable, task_impl
 
 
 def measure_row(row, n, loops, repeat, timeout):
@@ -97,22 +110,27 @@ def measure_row(row, n, loops, repeat, timeout):
     errors = {}
     for rep in range(repeat):
         for name in loops:
-            if name in errors:
+            if name in errors or not runs_on(row, name):
                 continue
             t0 = time.monotonic()
             result, error = run_child([row, name, n], timeout)
             if error:
                 errors[name] = error
-                progress(f"  {row:<16} {name:<10} #{rep + 1}: {error}")
+                progress(f"  {row:<16} {name:<14} #{rep + 1}: {error}")
                 continue
             samples[name].append(result["value"])
             peaks[name].append(result["peak_rss_mib"])
             cpu[name].append(result["cpu_seconds"])
             progress(
-                f"  {row:<16} {name:<10} #{rep + 1}: {fmt(row, result['value'])}"
+                f"  {row:<16} {name:<14} #{rep + 1}: {fmt(row, result['value'])}"
                 f"  (point took {time.monotonic() - t0:.1f} s)"
             )
     return samples, peaks, cpu, errors
+
+
+def runs_on(row, name):
+    """ferroloop+task is ferroloop's loop with another Task: only the task rows measure it."""
+    return name not in TASK_ONLY_LOOPS or row in TASK_ROWS
 
 
 def summarise(row, n, samples, peaks, cpu, errors):
@@ -130,6 +148,15 @@ def summarise(row, n, samples, peaks, cpu, errors):
         met = medians[CANDIDATE] <= rivals[best_rival]
     elif best_rival and CANDIDATE in errors:
         met = False
+    # Task rows (issue 6): every loop against uvloop; ferroloop+task must be >= 2x uvloop.
+    task_base = medians.get(TASK_BASELINE)
+    vs_task_base = {name: ratio(task_base, v) for name, v in medians.items()} if task_base else {}
+    task_met = None
+    if row in TASK_ROWS and task_base is not None:
+        if TASK_CANDIDATE in medians:
+            task_met = vs_task_base[TASK_CANDIDATE] >= TASK_TARGET
+        elif TASK_CANDIDATE in errors:
+            task_met = False
     return {
         "n": n,
         "unit": unit(row),
@@ -142,6 +169,8 @@ def summarise(row, n, samples, peaks, cpu, errors):
         "best_rival": best_rival,
         "ferroloop_vs_best_rival": vs_best,
         "target_met": met,
+        "vs_uvloop": vs_task_base,
+        "task_target_met": task_met,
     }
 
 
@@ -175,6 +204,8 @@ def fmt_met(met):
 
 
 def loop_cell(row, summary, name, unavailable):
+    if not runs_on(row, name):
+        return "n/a"
     if name in unavailable:
         return "missing" if unavailable[name].startswith("missing") else "error"
     if name in summary["errors"]:
@@ -205,11 +236,20 @@ def row_table(row, summary, loops, unavailable):
             f"ferroloop vs fastest rival ({summary['best_rival']}): {fmt_ratio(vs)}"
             f" -> target {fmt_met(summary['target_met'])}"
         )
+    if row in TASK_ROWS and TASK_CANDIDATE in loops:
+        lines.append(
+            f"{TASK_CANDIDATE} vs {TASK_BASELINE}: "
+            f"{fmt_ratio(summary['vs_uvloop'].get(TASK_CANDIDATE))}"
+            f" -> target (>= {TASK_TARGET:g}x) {fmt_met(summary['task_target_met'])}"
+        )
     return "\n".join(lines)
 
 
 def summary_table(results, loops, unavailable):
-    """One line per row: medians, ratios vs asyncio, ferroloop vs the best rival, target."""
+    """One line per row: medians, ratios vs asyncio, ferroloop vs the best rival, target.
+
+    The main table: asyncio's Task on every loop (ferroloop+task is in task_table)."""
+    loops = [name for name in loops if name not in TASK_ONLY_LOOPS]
     others = [name for name in loops if name != "asyncio"]
     head = ["row", "N", *loops, *(f"{name} vs asyncio" for name in others)]
     if CANDIDATE in loops and any(r in loops for r in RIVALS):
@@ -226,6 +266,31 @@ def summary_table(results, loops, unavailable):
             best = summary["best_rival"]
             vs = fmt_ratio(summary["ferroloop_vs_best_rival"])
             cells += [f"{vs} ({best})" if best else "n/a", fmt_met(summary["target_met"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def task_table(results, loops, unavailable):
+    """The task rows: medians of every loop (ferroloop+task too), ratios vs uvloop, target."""
+    rows = {row: s for row, s in results.items() if row in TASK_ROWS}
+    ratio_cols = [name for name in loops if name != TASK_BASELINE]
+    head = ["row", "N", *loops, *(f"{name} vs {TASK_BASELINE}" for name in ratio_cols)]
+    both = TASK_CANDIDATE in loops and CANDIDATE in loops
+    if both:
+        head.append(f"{TASK_CANDIDATE} vs {CANDIDATE}")
+    head.append(f"target ({TASK_CANDIDATE} >= {TASK_TARGET:g}x {TASK_BASELINE})")
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "| --- | " + " | ".join("---:" for _ in head[1:]) + " |",
+    ]
+    for row, summary in rows.items():
+        cells = [row, f"{summary['n']:,}"]
+        cells += [loop_cell(row, summary, name, unavailable) for name in loops]
+        cells += [fmt_ratio(summary["vs_uvloop"].get(name)) for name in ratio_cols]
+        if both:
+            med = summary["median"]
+            cells.append(fmt_ratio(ratio(med.get(CANDIDATE), med.get(TASK_CANDIDATE))))
+        cells.append(fmt_met(summary["task_target_met"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -304,9 +369,15 @@ def results_markdown(report, loops, unavailable):
         summary_table(report["rows"], loops, unavailable),
         "",
     ]
-    problems = [f"- {name}: {why}" for name, why in unavailable.items()]
+    problems = [
+        f"- {name}: {why}" for name, why in unavailable.items() if name not in TASK_ONLY_LOOPS
+    ]
     for row, summary in report["rows"].items():
-        problems += [f"- {name} on `{row}`: {why}" for name, why in summary["errors"].items()]
+        problems += [
+            f"- {name} on `{row}`: {why}"
+            for name, why in summary["errors"].items()
+            if name not in TASK_ONLY_LOOPS
+        ]
     if problems:
         out += ["Not measured:", "", *problems, ""]
     met = [s["target_met"] for s in report["rows"].values() if s["target_met"] is not None]
@@ -321,14 +392,63 @@ def results_markdown(report, loops, unavailable):
     return "\n".join(out)
 
 
-def write_readme(section):
+def task_markdown(report, loops, unavailable):
+    """The README's task-rows section: its own run line, the task table, what was missing."""
+    m = report["machine"]
+    pkgs = ", ".join(f"{k} {v}" for k, v in m["packages"].items())
+    quick = " (`--quick`: small N, a smoke run, not a measurement)" if report["quick"] else ""
+    task_impl = report.get("task_impl", {}).get(TASK_CANDIDATE)
+    out = [
+        f"Run: {m['date']}{quick}",
+        "",
+        f"- Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory_gib']} GiB memory, {m['os']}",
+        f"- Python: {m['python']}",
+        f"- Packages: {pkgs}",
+        (
+            f"- Load average (1, 5, 15 min) at start {m['load_average']}, "
+            f"at end {report['load_average']['end']} (other work shares this machine)"
+        ),
+        (
+            f"- Method: median of {report['repeat']} runs, each in a fresh process; times in ms "
+            f"(lower is better); ratios are {TASK_BASELINE} / loop (higher is better)"
+        ),
+        (
+            f"- `{CANDIDATE}`: asyncio's C Task on ferroloop's loop; `{TASK_CANDIDATE}`: "
+            f"ferroloop's loop with `loop.set_task_factory(ferroloop.task_factory)` and "
+            f"`ferroloop.wait`/`ferroloop.gather` ({task_impl or 'not available'})"
+        ),
+        "",
+        task_table(report["rows"], loops, unavailable),
+        "",
+    ]
+    problems = [f"- {name}: {why}" for name, why in unavailable.items()]
+    for row, summary in report["rows"].items():
+        if row in TASK_ROWS:
+            problems += [f"- {name} on `{row}`: {why}" for name, why in summary["errors"].items()]
+    if problems:
+        out += ["Not measured:", "", *problems, ""]
+    met = [
+        s["task_target_met"]
+        for row, s in report["rows"].items()
+        if row in TASK_ROWS and s["task_target_met"] is not None
+    ]
+    if met:
+        out.append(
+            f"Target (issue 6: {TASK_CANDIDATE} at least {TASK_TARGET:g}x as fast as "
+            f"{TASK_BASELINE}): met on {sum(met)} of {len(met)} task rows."
+        )
+        out.append("")
+    return "\n".join(out)
+
+
+def write_readme(section, start=START, end=END, heading="## Results"):
     text = README.read_text() if README.exists() else "# Benchmarks\n"
-    block = f"{START}\n{section}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
+    block = f"{start}\n{section}\n{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
-        text = text.rstrip("\n") + "\n\n## Results\n\n" + block + "\n"
+        text = text.rstrip("\n") + f"\n\n{heading}\n\n" + block + "\n"
     README.write_text(text)
 
 
@@ -343,7 +463,7 @@ def draw_chart(report, loops, path):
         progress("note: matplotlib is not installed; no chart (pip install matplotlib)")
         return None
     rows = list(report["rows"])
-    shown = [name for name in loops if name != "asyncio"]
+    shown = [name for name in loops if name != "asyncio" and name not in TASK_ONLY_LOOPS]
     if not rows or not shown:
         return None
     width = 0.8 / len(shown)
@@ -382,7 +502,9 @@ def pick(value, choices, what):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--loops", default=",".join(LOOPS), help="comma-separated subset")
-    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset")
+    parser.add_argument(
+        "--rows", default=",".join(ROWS), help="comma-separated subset; `tasks`: the task rows"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="runs per point (>= 3; median)")
     parser.add_argument("--quick", action="store_true", help="N/10: a smoke run")
     parser.add_argument("--timeout", type=float, default=120, help="seconds per point")
@@ -393,11 +515,13 @@ def main():
     if args.repeat < 3:
         parser.error("--repeat must be at least 3 (the table shows medians)")
     loops = pick(args.loops, LOOPS, "loops")
-    rows = pick(args.rows, ROWS, "rows")
+    wanted = [",".join(TASK_ROWS) if s.strip() == "tasks" else s for s in args.rows.split(",")]
+    rows = pick(",".join(wanted), ROWS, "rows")
+    rows = list(dict.fromkeys(rows))  # `tasks,task_chain`: once each
 
     machine = machine_info()
     progress(f"{machine['date']}: {machine['python']}, {machine['nproc']} CPUs ({machine['cpu']})")
-    versions, unavailable = probe_loops(loops, args.timeout)
+    versions, unavailable, task_impl = probe_loops(loops, args.timeout)
     for name, why in unavailable.items():
         progress(f"{name}: not run: {why}")
     runnable = [name for name in loops if name in versions]
@@ -405,6 +529,7 @@ def main():
     report = {"machine": machine, "quick": args.quick, "repeat": args.repeat, "rows": {}}
     report["loops"] = {name: versions.get(name) for name in loops}
     report["unavailable"] = unavailable
+    report["task_impl"] = task_impl
     for row in rows:
         n = ROWS[row][2] if args.quick else ROWS[row][1]
         samples, peaks, cpu, errors = measure_row(row, n, runnable, args.repeat, args.timeout)
@@ -413,18 +538,33 @@ def main():
         print(row_table(row, summary, loops, unavailable) + "\n", flush=True)
 
     report["load_average"] = {"start": machine["load_average"], "end": load_average()}
+    main_rows = [row for row in report["rows"] if row not in TASK_ROWS]
+    task_rows = [row for row in report["rows"] if row in TASK_ROWS]
     print(summary_table(report["rows"], loops, unavailable))
+    if task_rows:
+        print(f"\nTask rows (ratios vs {TASK_BASELINE}):")
+        print(task_table(report["rows"], loops, unavailable))
     for row, summary in report["rows"].items():
         for name, why in summary["errors"].items():
             print(f"PROBLEM: {name} on {row}: {why}")
 
-    chart = args.chart or (CHART if args.write else None)
+    # --write rewrites the main section (and chart) only if the run measured a non-task row,
+    # so `--rows tasks --write` updates the task section alone.
+    chart = args.chart or (CHART if args.write and main_rows else None)
     if chart:
         report["chart"] = draw_chart(report, loops, chart)
         if report["chart"]:
             progress(f"chart: {report['chart']}")
     if args.write:
-        write_readme(results_markdown(report, loops, unavailable))
+        if main_rows:
+            write_readme(results_markdown(report, loops, unavailable))
+        if task_rows:
+            write_readme(
+                task_markdown(report, loops, unavailable),
+                TASKS_START,
+                TASKS_END,
+                "## Task rows (issue 6)",
+            )
         progress(f"results written to {README}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -5,6 +5,13 @@ Usage::
     python benchmarks/workloads.py ROW LOOP N     # measure ROW with N operations on LOOP
     python benchmarks/workloads.py probe LOOP     # can LOOP be imported? which version?
 
+``ferroloop+task`` is the ferroloop loop with ``loop.set_task_factory(ferroloop.task_factory)``
+(ferroloop's native Task) and the task rows calling ``ferroloop.wait``/``ferroloop.gather``
+instead of asyncio's; it runs only the task rows (``TASK_ROWS``). It is "missing" until
+ferroloop has ``Task``, ``task_factory``, ``wait`` and ``gather``. For checking the wiring only,
+``BENCH_TASK_STANDIN=1`` makes it asyncio's pure-Python ``_PyTask`` with asyncio's functions
+(never for published numbers).
+
 ``benchmarks/run.py`` runs this in a fresh process for every point. The time reported is
 ``time.perf_counter()`` around the workload only (not interpreter start-up, imports or loop
 creation). Exit status 2 with ``{"missing": ...}`` means the loop's package is not installed.
@@ -26,10 +33,59 @@ LOOPS = {
     "uvloop": ("uvloop", "new_event_loop"),
     "rloop": ("rloop", "new_event_loop"),
     "ferroloop": ("ferroloop", "new_event_loop"),
+    # ferroloop's loop with ferroloop's native Task (task factory) and wait/gather: task rows only
+    "ferroloop+task": ("ferroloop", "new_event_loop"),
 }
 
+# Loops that run only the task rows (the same loop as another column, a different Task).
+TASK_ONLY_LOOPS = ("ferroloop+task",)
+
+# What ferroloop+task needs from ferroloop (the lead's native task machinery, issue 6).
+FERRO_TASK_API = ("Task", "task_factory", "wait", "gather")
+
 # The native module must import too: a bare python/ferroloop source tree is not a loop.
-NATIVE = {"ferroloop": "ferroloop._ferroloop"}
+NATIVE = {"ferroloop": "ferroloop._ferroloop", "ferroloop+task": "ferroloop._ferroloop"}
+
+
+class TaskAPI:
+    """The task functions a workload calls: asyncio's, or ferroloop's native ones.
+
+    ``task_factory`` is set on the loop before the workload runs (None: the loop's default)."""
+
+    def __init__(self, wait=None, gather=None, task_factory=None, task_class=None, label=None):
+        self.wait = wait or asyncio.wait
+        self.gather = gather or asyncio.gather
+        self.task_factory = task_factory
+        self.task_class = task_class or asyncio.Task  # checked after the workload
+        self.label = label or "asyncio.Task"
+
+
+def load_task_api(name):
+    """The TaskAPI for loop ``name``; ImportError if ferroloop's native task API is missing."""
+    import importlib
+    import os
+
+    if name != "ferroloop+task":
+        return TaskAPI()
+    if os.environ.get("BENCH_TASK_STANDIN"):
+        # Wiring check only: asyncio's pure-Python Task stands in for ferroloop's.
+        py_task = asyncio.tasks._PyTask
+
+        def standin_factory(loop, coro, **kwargs):
+            return py_task(coro, loop=loop, **kwargs)
+
+        return TaskAPI(
+            task_factory=standin_factory,
+            task_class=py_task,
+            label="stand-in: asyncio.tasks._PyTask",
+        )
+    ferroloop = importlib.import_module("ferroloop")
+    missing = [attr for attr in FERRO_TASK_API if getattr(ferroloop, attr, None) is None]
+    if missing:
+        raise ImportError("ferroloop has no " + ", ".join(missing) + " (native Task not built)")
+    return TaskAPI(
+        ferroloop.wait, ferroloop.gather, ferroloop.task_factory, ferroloop.Task, "ferroloop.Task"
+    )
 
 
 def load_factory(name):
@@ -40,6 +96,7 @@ def load_factory(name):
     module = importlib.import_module(module_name)
     if name in NATIVE:
         importlib.import_module(NATIVE[name])
+    load_task_api(name)  # ImportError if a loop's task API is missing
     if attr is None:
         return asyncio.new_event_loop
     return getattr(module, attr)
@@ -82,6 +139,10 @@ class Stopwatch:
 
 
 # --- the workloads: each takes (loop, n) and returns {"seconds": ..., other fields} ---------
+# The task rows also read API (asyncio's wait/gather, or ferroloop's for ferroloop+task); the
+# tasks themselves come from the loop's task factory (ensure_future/create_task ask the loop).
+
+API = TaskAPI()
 
 
 def call_soon_chain(loop, n):
@@ -163,7 +224,7 @@ def tasks_wait(loop, n):
     async def main():
         clock = Stopwatch()
         tasks = [asyncio.ensure_future(_sleep0()) for _ in range(n)]
-        done, pending = await asyncio.wait(tasks)
+        done, pending = await API.wait(tasks)
         timing = clock.read()
         assert len(done) == n and not pending
         return timing
@@ -172,11 +233,12 @@ def tasks_wait(loop, n):
 
 
 def tasks_gather(loop, n):
-    """asyncio.gather of n coroutines that each await asyncio.sleep(0)."""
+    """asyncio.gather of n coroutines that each await asyncio.sleep(0) (gather makes each a
+    task through the loop's task factory)."""
 
     async def main():
         clock = Stopwatch()
-        results = await asyncio.gather(*[_sleep0() for _ in range(n)])
+        results = await API.gather(*[_sleep0() for _ in range(n)])
         timing = clock.read()
         assert len(results) == n
         return timing
@@ -197,13 +259,33 @@ def wait_first_completed(loop, n, width=20):
         for _ in range(n):
             tasks = [asyncio.ensure_future(_sleep0())]
             tasks += [asyncio.ensure_future(_sleep_long()) for _ in range(width - 1)]
-            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            done, pending = await API.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             assert len(done) == 1 and len(pending) == width - 1
             for task in pending:
                 task.cancel()
-            await asyncio.wait(pending)
+            await API.wait(pending)
             assert all(task.cancelled() for task in pending)
         return clock.read()
+
+    return loop.run_until_complete(main())
+
+
+async def _return(value):
+    return value
+
+
+def task_chain(loop, n):
+    """A chain of n tasks: create_task, then await it before creating the next."""
+
+    async def main():
+        clock = Stopwatch()
+        create_task = loop.create_task
+        total = 0
+        for i in range(n):
+            total += await create_task(_return(i))
+        timing = clock.read()
+        assert total == n * (n - 1) // 2, total
+        return timing
 
     return loop.run_until_complete(main())
 
@@ -235,8 +317,12 @@ ROWS = {
     "tasks_wait": (tasks_wait, 50_000, 5_000, "seconds"),
     "gather": (tasks_gather, 50_000, 5_000, "seconds"),
     "first_completed": (wait_first_completed, 2_000, 200, "seconds"),
+    "task_chain": (task_chain, 100_000, 10_000, "seconds"),
     "memory": (cancelled_timers_memory, 200_000, 20_000, "rss_in_use_mib"),
 }
+
+# The rows that measure tasks (issue 6): the ones ferroloop+task runs; `run.py --rows tasks`.
+TASK_ROWS = ("tasks_wait", "gather", "first_completed", "task_chain")
 
 
 def emit(obj):
@@ -252,14 +338,14 @@ def probe(name):
         return MISSING
     from importlib import metadata
 
-    dist = "CPython" if name == "asyncio" else name
+    dist = "CPython" if name == "asyncio" else name.split("+")[0]
     try:
         version = metadata.version(dist) if name != "asyncio" else sys.version.split()[0]
     except metadata.PackageNotFoundError:
         version = "unknown"
     loop = load_factory(name)()
     loop.close()
-    emit({"loop": name, "version": version})
+    emit({"loop": name, "version": version, "task": load_task_api(name).label})
     return 0
 
 
@@ -276,11 +362,28 @@ def main(argv):
     except ImportError as exc:
         emit({"loop": name, "missing": f"{type(exc).__name__}: {exc}"})
         return MISSING
+    if name in TASK_ONLY_LOOPS and row not in TASK_ROWS:
+        sys.stderr.write(f"{name} runs only the task rows: {', '.join(TASK_ROWS)}\n")
+        return 64
+    global API
+    API = load_task_api(name)
     workload, _, _, metric = ROWS[row]
     loop = factory()
+    # Explicitly, also None: the "ferroloop" column is asyncio's Task on ferroloop's loop even
+    # if ferroloop loops come to default to ferroloop.Task.
+    loop.set_task_factory(API.task_factory)
     asyncio.set_event_loop(loop)
     try:
         fields = workload(loop, n)
+        # Outside the timed part: did the workload's tasks have the Task class the column says?
+        probe_task = loop.create_task(_return(None))
+        loop.run_until_complete(probe_task)
+        if type(probe_task) is not API.task_class:
+            raise RuntimeError(
+                f"{name}: tasks are {type(probe_task).__module__}.{type(probe_task).__qualname__},"
+                f" expected {API.label}"
+            )
+        fields["task"] = API.label
     finally:
         asyncio.set_event_loop(None)
         loop.close()
