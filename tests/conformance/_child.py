@@ -17,6 +17,16 @@ Events::
 asyncio`` keeps asyncio's own loop, to check the harness itself. Either way a test counts
 ("on_loop") only if a loop of the target kind was created or run while it ran: CPython's
 tests often use their own ``test_utils.TestLoop`` or mocks, which say nothing about the loop.
+
+A module name ``test_x[tag]`` runs CPython's ``test_x`` as variant ``tag`` (VARIANTS below),
+its test ids renamed ``test.test_asyncio.test_x[tag].Class.test`` so that they never mix with
+the plain module's. ``[ferrotask]``: ferroloop's native task machinery (ferroloop.Task as every
+target loop's task factory, ferroloop's wait/gather/as_completed/wait_for/shield in place of
+asyncio's, and test_tasks' / test_eager_task_factory's Task classes built on ferroloop.Task).
+In a variant a test also counts if it called one of the replaced functions or belongs to a
+class built for the variant. ``CONFORMANCE_TASK_STANDIN=c|py`` puts asyncio's own
+``_CTask``/``_PyTask`` and functions in ferroloop's place (checking the wiring; the default with
+``--loop asyncio``).
 """
 
 import argparse
@@ -26,6 +36,7 @@ import functools
 import importlib
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -47,7 +58,7 @@ class Tracker:
         with self._lock:
             if what == "created":
                 self.created += 1
-            else:
+            else:  # "ran", or "api": a variant's replaced task function was called
                 self.ran += 1
         hook = self.on_loop_hook
         if hook is not None:
@@ -249,6 +260,207 @@ def adapt_test_pep492(module, new_loop):
     module.BaseTest.setUp = setUp
 
 
+# --- variants: the same CPython module run on other task machinery ------------------------
+
+# asyncio's task functions that a [ferrotask] variant replaces by ferroloop's.
+TASK_FUNCTIONS = ("wait", "gather", "as_completed", "wait_for", "shield")
+
+# What a variant needs from ferroloop; run.py skips the variant (not run, not failed) without.
+VARIANT_NEEDS = {"ferrotask": ("Task", "task_factory")}
+
+
+def split_module(name):
+    """``test_tasks[ferrotask]`` -> (``test_tasks``, ``ferrotask``); no tag -> (name, None)."""
+    if name.endswith("]") and "[" in name:
+        base, tag = name[:-1].split("[", 1)
+        return base, tag
+    return name, None
+
+
+class TaskImpl:
+    """The task machinery a [ferrotask] variant installs: ferroloop's, or a stand-in."""
+
+    def __init__(self, loop_kind):
+        standin = os.environ.get("CONFORMANCE_TASK_STANDIN", "")
+        if not standin and loop_kind == "asyncio":
+            standin = "c"  # checking the harness: asyncio's own C Task must pass everything
+        if standin:
+            task = {"c": asyncio.tasks._CTask, "py": asyncio.tasks._PyTask}[standin]
+
+            def task_factory(loop, coro, **kwargs):
+                return task(coro, loop=loop, **kwargs)
+
+            self.Task = task
+            self.task_factory = task_factory
+            self.functions = {name: getattr(asyncio.tasks, name) for name in TASK_FUNCTIONS}
+            self.desc = f"stand-in asyncio.tasks.{task.__name__} (CONFORMANCE_TASK_STANDIN)"
+        else:
+            import ferroloop
+
+            missing = [a for a in VARIANT_NEEDS["ferrotask"] if not hasattr(ferroloop, a)]
+            if missing:
+                raise SystemExit(f"conformance child: ferroloop has no {', '.join(missing)}")
+            self.Task = ferroloop.Task
+            self.task_factory = ferroloop.task_factory
+            self.functions = {
+                name: getattr(ferroloop, name)
+                for name in TASK_FUNCTIONS
+                if getattr(ferroloop, name, None) is not None
+            }
+            self.desc = "ferroloop.Task"
+        self.missing = [name for name in TASK_FUNCTIONS if name not in self.functions]
+
+
+def install_ferrotask(loop_kind, tracker):
+    """Every target loop gets the variant's task factory; asyncio's task functions (in
+    ``asyncio`` and ``asyncio.tasks``, where CPython's tests and asyncio itself look them up)
+    become ferroloop's, each counted as a use of the target."""
+    impl = TaskImpl(loop_kind)
+    factory = impl.task_factory
+    if loop_kind == "ferroloop":
+        import ferroloop
+
+        cls, is_target = ferroloop.Loop, None
+    else:
+        cls = asyncio.BaseEventLoop
+        target = asyncio.SelectorEventLoop
+
+        def is_target(loop):
+            return isinstance(loop, target)
+
+    orig_init = cls.__init__
+
+    @functools.wraps(orig_init)
+    def __init__(self, *args, **kwargs):
+        orig_init(self, *args, **kwargs)
+        if is_target is None or is_target(self):
+            # Explicitly, not a default ferroloop may have: this variant tests this factory.
+            self.set_task_factory(factory)
+
+    cls.__init__ = __init__
+
+    for name, fn in impl.functions.items():
+
+        def counted(*args, _fn=fn, **kwargs):
+            tracker.hit("api")
+            return _fn(*args, **kwargs)
+
+        functools.update_wrapper(counted, fn)
+        setattr(asyncio, name, counted)
+        setattr(asyncio.tasks, name, counted)
+    return impl
+
+
+def _on_target(module, name, bases, attrs):
+    """A test class built for a variant: every test in it exercises the variant's Task."""
+    cls = type(name, bases, {**attrs, "_conformance_on_target": True})
+    cls.__module__ = module.__name__
+    cls.__qualname__ = name
+    setattr(module, name, cls)
+    return cls
+
+
+def _drop_classes(module, base_names=(), names=()):
+    """Remove the module's test classes named in `names` or built on a class in `base_names`
+    (the per-implementation copies that a variant replaces by its own)."""
+    bases = tuple(getattr(module, b) for b in base_names if hasattr(module, b))
+    for attr, obj in list(vars(module).items()):
+        if not (isinstance(obj, type) and issubclass(obj, unittest.TestCase)):
+            continue
+        if attr in names or (bases and issubclass(obj, bases)):
+            delattr(module, attr)
+
+
+def _own_tests(cls):
+    return {k: v for k, v in vars(cls).items() if k.startswith("test_")} if cls else {}
+
+
+def ferrotask_test_tasks(module, impl):
+    """test_tasks on the variant's Task: one class as CPython's CTask_CFuture_Tests (same
+    bases, same own tests) with ``Task = impl.Task`` and ``Future = asyncio's C Future``, its
+    subclass twin (add_subclass_tests), and the current-task tests; the Py/C copies
+    (``*Task_*Future*``, introspection of asyncio's own registry functions, current-loop tests
+    per implementation, GenericTaskTests on asyncio's module) are dropped: the plain
+    test_tasks runs them. The other classes (gather, sleep, run_coroutine_threadsafe, ...)
+    stay, on the replaced functions and the loops' task factory."""
+    tc = module.test_utils.TestCase
+    task, future = impl.Task, asyncio.futures._CFuture
+    extra = _own_tests(getattr(module, "CTask_CFuture_Tests", None))
+    _drop_classes(
+        module,
+        base_names=("BaseTaskTests", "BaseTaskIntrospectionTests", "BaseCurrentLoopTests"),
+        names=("GenericTaskTests",),
+    )
+    _on_target(
+        module,
+        "FerroTask_CFuture_Tests",
+        (module.BaseTaskTests, module.SetMethodsTest, tc),
+        {"Task": task, "Future": future, **extra},
+    )
+    try:
+        sub = type(
+            "FerroTask_CFuture_SubclassTests",
+            (module.BaseTaskTests, tc),
+            {"Task": task, "Future": future},
+        )
+        sub = module.add_subclass_tests(sub)
+        _on_target(module, sub.__name__, (sub,), {})
+    except TypeError as exc:  # the Task cannot be subclassed: one failing test says so
+        why = f"{type(exc).__name__}: {exc}"
+
+        def test_subclass_tests(self, _why=why):
+            self.fail(f"add_subclass_tests could not subclass the Task: {_why}")
+
+        _on_target(
+            module, "FerroTask_CFuture_SubclassTests", (tc,), {"test_subclass": test_subclass_tests}
+        )
+
+    def new_task(self, coro):
+        return task(coro, loop=self.loop)
+
+    _on_target(
+        module, "FerroCurrentLoopTests", (module.BaseCurrentLoopTests, tc), {"new_task": new_task}
+    )
+
+
+def ferrotask_test_eager_task_factory(module, impl):
+    """test_eager_task_factory (3.12+) on the variant's Task: the eager-factory loop tests (with
+    CEagerTaskFactoryLoopTests' own tests) and the eager / non-eager task-counting tests; the
+    Py/C/asyncio.Task copies are dropped (the plain module runs them)."""
+    tc = module.test_utils.TestCase
+    extra = _own_tests(getattr(module, "CEagerTaskFactoryLoopTests", None))
+    _drop_classes(module, base_names=("EagerTaskFactoryLoopTests", "BaseTaskCountingTests"))
+    _on_target(
+        module,
+        "FerroEagerTaskFactoryLoopTests",
+        (module.EagerTaskFactoryLoopTests, tc),
+        {"Task": impl.Task, **extra},
+    )
+    _on_target(
+        module,
+        "NonEagerFerroTaskTests",
+        (module.BaseNonEagerTaskFactoryTests, tc),
+        {"Task": impl.Task},
+    )
+    _on_target(
+        module, "EagerFerroTaskTests", (module.BaseEagerTaskFactoryTests, tc), {"Task": impl.Task}
+    )
+
+
+# Variant tag -> (install(loop_kind, tracker) -> impl, {module: function(module, impl)}).
+# Modules without a function (test_taskgroups, test_timeouts, test_waitfor) run as they are,
+# on loops whose task factory and asyncio's functions the install step replaced.
+VARIANTS = {
+    "ferrotask": (
+        install_ferrotask,
+        {
+            "test_tasks": ferrotask_test_tasks,
+            "test_eager_task_factory": ferrotask_test_eager_task_factory,
+        },
+    ),
+}
+
+
 # Module name -> function(module, new_loop) run after import, before loading its tests.
 # Keep each one small and explain it: it changes what CPython's test runs on, never what
 # it checks.
@@ -274,10 +486,11 @@ _RANK = {"pass": 0, "skip": 1, "fail": 2}
 class EventResult(unittest.TestResult):
     """A TestResult that writes one JSON line per test, and knows which tests used the loop."""
 
-    def __init__(self, out, tracker):
+    def __init__(self, out, tracker, test_id=None):
         super().__init__()
         self.out = out
         self.tracker = tracker
+        self.test_id = test_id or (lambda test: test.id())
         self.current = None
         self.count = 0
         tracker.on_loop_hook = self._on_loop
@@ -295,7 +508,7 @@ class EventResult(unittest.TestResult):
     def startTest(self, test):
         super().startTest(test)
         self.current = {
-            "id": test.id(),
+            "id": self.test_id(test),
             "outcome": "pass",
             "kind": "success",
             "on_loop": False,
@@ -304,7 +517,9 @@ class EventResult(unittest.TestResult):
             "ran0": self.tracker.ran,
             "t0": time.monotonic(),
         }
-        self.emit(ev="start", id=test.id())
+        self.emit(ev="start", id=self.current["id"])
+        if getattr(type(test), "_conformance_on_target", False):
+            self._on_loop()  # a class built for a variant: it tests the variant's Task
 
     def _record(self, outcome, kind, detail=None):
         cur = self.current
@@ -325,13 +540,13 @@ class EventResult(unittest.TestResult):
 
     def _fixture(self, test, outcome, detail):
         # setUpModule/setUpClass/tearDown* errors arrive with an _ErrorHolder "test".
-        self.emit(ev="fixture", id=test.id(), outcome=outcome, detail=detail)
+        self.emit(ev="fixture", id=self.test_id(test), outcome=outcome, detail=detail)
 
     def addSuccess(self, test):
         self._record("pass", "success")
 
     def addError(self, test, err):
-        if self.current is None or test.id() != self.current["id"]:
+        if self.current is None or self.test_id(test) != self.current["id"]:
             self._fixture(test, "fail", self._fmt(test, err))
             return
         self._record("fail", "error", self._fmt(test, err))
@@ -346,7 +561,7 @@ class EventResult(unittest.TestResult):
             )
 
     def addSkip(self, test, reason):
-        if self.current is None or test.id() != self.current["id"]:
+        if self.current is None or self.test_id(test) != self.current["id"]:
             self._fixture(test, "skip", reason)
             return
         self._record("skip", "skip", reason)
@@ -416,20 +631,45 @@ def main():
         with open(args.skip_file, encoding="utf-8") as f:
             skip = {line.strip() for line in f if line.strip()}
 
-    modname = args.module if "." in args.module else f"test.test_asyncio.{args.module}"
+    base, tag = split_module(args.module)
+    impl = None
+    if tag is not None:
+        if tag not in VARIANTS:
+            raise SystemExit(f"conformance child: unknown variant [{tag}]")
+        install, _ = VARIANTS[tag]
+        impl = install(args.loop, tracker)
+        desc += f", [{tag}]: {impl.desc}"
+        if impl.missing:
+            desc += f" (asyncio's own {', '.join(impl.missing)}: not in ferroloop)"
+
+    modname = base if "." in base else f"test.test_asyncio.{base}"
     module = importlib.import_module(modname)
-    adapter = ADAPTERS.get(args.module)
+    adapter = ADAPTERS.get(base)
     if adapter is not None:
         adapter(module, new_loop)
+    if tag is not None:
+        variant_adapter = VARIANTS[tag][1].get(base)
+        if variant_adapter is not None:
+            variant_adapter(module, impl)
 
+    # A variant's ids: test.test_asyncio.test_x[tag].Class.test (fixtures' ids alike).
+    if tag is None:
+        test_id = None
+    else:
+        own = re.compile(re.escape(modname) + r"(?=[.)]|$)")
+
+        def test_id(test, _own=own, _new=f"{modname}[{tag}]"):
+            return _own.sub(_new, test.id(), count=1)
+
+    ident = test_id or (lambda t: t.id())
     loaded = unittest.defaultTestLoader.loadTestsFromModule(module)
-    tests = [t for t in iter_tests(loaded) if t.id() not in skip]
+    tests = [t for t in iter_tests(loaded) if ident(t) not in skip]
     if args.match:
-        tests = [t for t in tests if any(m in t.id() for m in args.match)]
+        tests = [t for t in tests if any(m in ident(t) for m in args.match)]
     suite = unittest.TestSuite(tests)
 
-    result = EventResult(out, tracker)
-    print(f"conformance child: {modname} on {desc}, {len(tests)} tests", file=sys.stderr)
+    result = EventResult(out, tracker, test_id)
+    print(f"conformance child: {args.module} on {desc}, {len(tests)} tests", file=sys.stderr)
     sys.stderr.flush()
     suite.run(result)
     result.emit(ev="done", count=result.count)

@@ -69,6 +69,22 @@ MODULES_SINCE = [
 ]
 MODULES += [name for name, since in MODULES_SINCE if sys.version_info[:2] >= since]
 
+# Variants `module[tag]`: the same CPython module run again with an adaptation (VARIANTS in
+# _child.py); their test ids are `test.test_asyncio.module[tag].Class.test`. [ferrotask]:
+# ferroloop's native Task as the task factory of every ferroloop loop, and ferroloop's
+# wait/gather/as_completed/wait_for/shield in place of asyncio's (test_tasks and
+# test_eager_task_factory: their Task test classes built on ferroloop.Task). A variant whose
+# needs ferroloop does not have yet (VARIANT_NEEDS) is skipped: not run, not failed.
+VARIANTS = [
+    ("test_tasks[ferrotask]", (3, 11)),
+    ("test_taskgroups[ferrotask]", (3, 11)),
+    ("test_timeouts[ferrotask]", (3, 11)),
+    ("test_waitfor[ferrotask]", (3, 11)),
+    ("test_eager_task_factory[ferrotask]", (3, 12)),
+]
+VARIANT_NEEDS = {"ferrotask": ("Task", "task_factory")}  # attributes of the ferroloop module
+MODULES += [name for name, since in VARIANTS if sys.version_info[:2] >= since]
+
 HERE = Path(__file__).resolve().parent
 CHILD = HERE / "_child.py"
 EXPECTED = HERE / "expected_failures.txt"
@@ -231,6 +247,20 @@ class Expectations:
 # --- running one module ------------------------------------------------------------------
 
 
+def split_module(name: str) -> tuple[str, str | None]:
+    """`test_tasks[ferrotask]` -> (`test_tasks`, `ferrotask`); a plain name -> (name, None)."""
+    if name.endswith("]") and "[" in name:
+        base, tag = name[:-1].split("[", 1)
+        return base, tag
+    return name, None
+
+
+def file_stem(module: str) -> str:
+    """`test_tasks[ferrotask]` -> `test_tasks.ferrotask` (log and temp-dir names)."""
+    base, tag = split_module(module)
+    return base if tag is None else f"{base}.{tag}"
+
+
 def _read_events(path: Path, pos: int):
     """New complete JSON lines of the events file from byte offset `pos`."""
     try:
@@ -264,7 +294,7 @@ def _tail(path: Path, start: int, limit: int = 6000) -> str:
 
 def run_module(module: str, args, log_path: Path) -> dict:
     """Run one module in child processes; return its per-test results and notes."""
-    tmp = Path(tempfile.mkdtemp(prefix=f"conformance-{module}-"))
+    tmp = Path(tempfile.mkdtemp(prefix=f"conformance-{file_stem(module)}-"))
     events_path = tmp / "events.jsonl"
     skip_path = tmp / "skip.txt"
     tests: dict[str, dict] = {}
@@ -484,9 +514,13 @@ def _table(rows, totals, markdown: bool) -> str:
     body = []
     for module, j, res in rows:
         c = j["counts"]
+        if res.get("unavailable"):
+            state = f" (skipped: {res['unavailable']})"
+        else:
+            state = "" if res["completed"] else " (incomplete)"
         body.append(
             [
-                module + ("" if res["completed"] else " (incomplete)"),
+                module + state,
                 c["passed"],
                 c["failed"] + c["unexpected_passes"],
                 c["expected_failures"],
@@ -510,7 +544,9 @@ def _table(rows, totals, markdown: bool) -> str:
         head = head[:-1]
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] + [" ---: "] * 5) + "|"]
         for r in body:
-            cells = [f"`{r[0]}`" if r[0] != "total" else "**total**"] + [str(x) for x in r[1:-1]]
+            mod, _, state = r[0].partition(" (")  # `test_x[tag]` (skipped: ...)
+            name = "**total**" if r[0] == "total" else f"`{mod}`" + (f" ({state}" if state else "")
+            cells = [name] + [str(x) for x in r[1:-1]]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
@@ -565,22 +601,37 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.update and args.match:
         ap.error("--update needs whole modules: drop -t/--match")
+    if args.update and os.environ.get("CONFORMANCE_TASK_STANDIN"):
+        ap.error("--update describes ferroloop: unset CONFORMANCE_TASK_STANDIN")
 
     modules = MODULES
     if args.module:
-        # `tasks` or `test_tasks`; a dotted name is imported as is (any unittest module).
-        want = [m if m.startswith("test_") or "." in m else f"test_{m}" for m in args.module]
-        modules = [m for m in want]
+        # `tasks` or `test_tasks`; `tasks[ferrotask]`; `ferrotask` or `[ferrotask]`: every
+        # module of that variant; a dotted name is imported as is (any unittest module).
+        tags = {split_module(m)[1] for m in MODULES} - {None}
+        want = []
+        for m in args.module:
+            if m.strip("[]") in tags:
+                want += [x for x in MODULES if split_module(x)[1] == m.strip("[]")]
+            else:
+                want.append(m if m.startswith("test_") or "." in m else f"test_{m}")
+        modules = list(dict.fromkeys(want))
         unknown = [m for m in modules if m not in MODULES]
         if unknown:
             print(f"note: not in MODULES (run anyway): {', '.join(unknown)}")
 
+    has: dict[str, bool] = {}  # ferroloop attributes the variants need: present?
     if args.loop == "ferroloop":
+        needs = sorted({a for attrs in VARIANT_NEEDS.values() for a in attrs})
         probe = subprocess.run(
             [
                 sys.executable,
                 "-c",
-                "import ferroloop, ferroloop._ferroloop; print(ferroloop.__version__)",
+                (
+                    "import json, ferroloop, ferroloop._ferroloop; "
+                    "print(ferroloop.__version__); "
+                    f"print(json.dumps({{a: hasattr(ferroloop, a) for a in {needs!r}}}))"
+                ),
             ],
             capture_output=True,
             text=True,
@@ -590,9 +641,20 @@ def main(argv=None) -> int:
             print(f"conformance: cannot import ferroloop with {sys.executable}:")
             print(_indent(probe.stderr))
             return 2
-        loop_desc = f"ferroloop {probe.stdout.strip()}"
+        version, has_json = probe.stdout.strip().splitlines()[-2:]
+        has = json.loads(has_json)
+        loop_desc = f"ferroloop {version}"
     else:
         loop_desc = "asyncio (stock SelectorEventLoop: checking the harness)"
+    standin = os.environ.get("CONFORMANCE_TASK_STANDIN") or args.loop == "asyncio"
+
+    def unavailable(module: str) -> str | None:
+        """Why a variant cannot run (ferroloop lacks what it needs), or None."""
+        tag = split_module(module)[1]
+        if tag is None or standin:
+            return None
+        missing = [a for a in VARIANT_NEEDS.get(tag, ()) if not has.get(a)]
+        return f"ferroloop.{', ferroloop.'.join(missing)} missing" if missing else None
 
     expectations = Expectations(args.expected)
     minor = sys.version_info[1]
@@ -606,10 +668,23 @@ def main(argv=None) -> int:
     print(f"conformance: Python {sys.version.split()[0]} ({sys.executable}), loop: {loop_desc}")
     rows = []
     for module in modules:
-        log_path = RESULTS / f"{module}-{tag}.log"
+        log_path = RESULTS / f"{file_stem(module)}-{tag}.log"
         print(f"  {module} ...", end="", flush=True)
-        res = run_module(module, args, log_path)
-        j = judge(module, res, expected, whole=not args.match)
+        why_not = unavailable(module)
+        if why_not:
+            res = {
+                "tests": {},
+                "fixtures": [],
+                "notes": [f"not run: {why_not} (the variant runs once ferroloop has it)"],
+                "completed": True,
+                "timed_out": False,
+                "duration": 0.0,
+                "unavailable": why_not,
+            }
+        else:
+            res = run_module(module, args, log_path)
+        # A skipped variant judges nothing: its listed failures are not stale.
+        j = judge(module, res, expected, whole=not args.match and not why_not)
         rows.append((module, j, res))
         c = j["counts"]
         print(
