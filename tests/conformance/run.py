@@ -2,6 +2,7 @@
 
     python tests/conformance/run.py                 # every module in MODULES, on ferroloop
     python tests/conformance/run.py -k test_tasks   # a subset (-k again for more)
+    python tests/conformance/run.py -k ferrotask    # the [ferrotask] variants (native Task)
     python tests/conformance/run.py -v              # tracebacks of every failure
     python tests/conformance/run.py --update        # rewrite expected_failures.txt
     python tests/conformance/run.py --markdown      # per-module table for the README
