@@ -8,7 +8,8 @@ Usage::
 ``ferroloop+task`` is the ferroloop loop with ``loop.set_task_factory(ferroloop.task_factory)``
 (ferroloop's native Task) and the task rows calling ``ferroloop.wait``/``ferroloop.gather``
 instead of asyncio's; it runs only the task rows (``TASK_ROWS``). It is "missing" until
-ferroloop has ``Task``, ``task_factory``, ``wait`` and ``gather``. For checking the wiring only,
+ferroloop has ``Task`` and ``task_factory`` (without ``ferroloop.wait``/``gather`` it uses
+asyncio's, and its ``task`` label says so). For checking the wiring only,
 ``BENCH_TASK_STANDIN=1`` makes it asyncio's pure-Python ``_PyTask`` with asyncio's functions
 (never for published numbers).
 
@@ -40,8 +41,10 @@ LOOPS = {
 # Loops that run only the task rows (the same loop as another column, a different Task).
 TASK_ONLY_LOOPS = ("ferroloop+task",)
 
-# What ferroloop+task needs from ferroloop (the lead's native task machinery, issue 6).
-FERRO_TASK_API = ("Task", "task_factory", "wait", "gather")
+# What ferroloop+task needs from ferroloop (its native task machinery, issue 6); wait/gather
+# fall back to asyncio's while ferroloop has none, and the column's label says so.
+FERRO_TASK_API = ("Task", "task_factory")
+FERRO_TASK_FUNCTIONS = ("wait", "gather")
 
 # The native module must import too: a bare python/ferroloop source tree is not a loop.
 NATIVE = {"ferroloop": "ferroloop._ferroloop", "ferroloop+task": "ferroloop._ferroloop"}
@@ -83,9 +86,12 @@ def load_task_api(name):
     missing = [attr for attr in FERRO_TASK_API if getattr(ferroloop, attr, None) is None]
     if missing:
         raise ImportError("ferroloop has no " + ", ".join(missing) + " (native Task not built)")
-    return TaskAPI(
-        ferroloop.wait, ferroloop.gather, ferroloop.task_factory, ferroloop.Task, "ferroloop.Task"
-    )
+    fns = {name: getattr(ferroloop, name, None) for name in FERRO_TASK_FUNCTIONS}
+    label = "ferroloop.Task"
+    if None in fns.values():
+        absent = [name for name, fn in fns.items() if fn is None]
+        label += f" with asyncio's {'/'.join(absent)} (ferroloop has none yet)"
+    return TaskAPI(fns["wait"], fns["gather"], ferroloop.task_factory, ferroloop.Task, label)
 
 
 def load_factory(name):
