@@ -12,6 +12,7 @@ use crate::errors::{loop_closed, os_error};
 use crate::handles::{run_handle, Handle, RunOutcome};
 use crate::py;
 use crate::reactor::{EventBuf, Reactor, Ready};
+use crate::task::{self, Task};
 use crate::timers::{monotonic, monotonic_resolution, TimerHeap};
 
 /// asyncio's MAXIMUM_SELECT_TIMEOUT: never sleep longer than a day in one poll.
@@ -21,6 +22,15 @@ const MIN_SCHEDULED_TIMER_HANDLES: usize = 100;
 /// ...and more than this fraction of them is cancelled.
 const MIN_CANCELLED_TIMER_HANDLES_FRACTION: f64 = 0.5;
 
+/// One entry of the ready queue: a handle, or a ferroloop task's step or wake-up (queued
+/// without a Handle; see `task.rs`).
+pub enum Job {
+    Handle(Py<Handle>),
+    Step(Py<Task>),
+    /// Wake the task: the future it awaited is done.
+    Wakeup(Py<Task>, Py<PyAny>),
+}
+
 /// The native base of `ferroloop.Loop`.
 ///
 /// Borrow discipline: a `borrow_mut` of the loop is never held across anything that can
@@ -29,7 +39,7 @@ const MIN_CANCELLED_TIMER_HANDLES_FRACTION: f64 = 0.5;
 /// `call_soon_threadsafe` from another thread that took the GIL).
 #[pyclass(subclass, module = "ferroloop._ferroloop")]
 pub struct EventLoop {
-    ready: VecDeque<Py<Handle>>,
+    ready: VecDeque<Job>,
     timers: TimerHeap<Py<Handle>>,
     timer_cancelled_count: usize,
     stopping: bool,
@@ -48,6 +58,19 @@ pub struct EventLoop {
 }
 
 impl EventLoop {
+    /// Queue a job for the next turn (ferroloop tasks schedule their steps here).
+    pub fn push_job(&mut self, job: Job) {
+        self.ready.push_back(job);
+    }
+
+    pub fn is_debug(&self) -> bool {
+        self.debug
+    }
+
+    pub fn check_open(&self) -> PyResult<()> {
+        self.check_closed()
+    }
+
     pub fn timer_handle_cancelled(&mut self) {
         self.timer_cancelled_count += 1;
     }
@@ -263,7 +286,9 @@ pub fn call_soon<'py>(
 ) -> PyResult<Bound<'py, Handle>> {
     let pre = precheck(slf, &callback, "call_soon", true)?;
     let h = new_handle(slf, callback, args, context, None, pre)?;
-    slf.borrow_mut().ready.push_back(h.clone().unbind());
+    slf.borrow_mut()
+        .ready
+        .push_back(Job::Handle(h.clone().unbind()));
     Ok(h)
 }
 
@@ -277,7 +302,7 @@ pub fn call_soon_threadsafe<'py>(
     let pre = precheck(slf, &callback, "call_soon_threadsafe", false)?;
     let h = new_handle(slf, callback, args, context, None, pre)?;
     let mut s = slf.borrow_mut();
-    s.ready.push_back(h.clone().unbind());
+    s.ready.push_back(Job::Handle(h.clone().unbind()));
     if s.sleeping {
         // One write is enough: the eventfd stays readable until the loop drains it.
         s.sleeping = false;
@@ -355,7 +380,7 @@ fn run_once(slf: &Bound<'_, EventLoop>) -> PyResult<()> {
                 }
                 if let Some((_, h)) = s.timers.pop() {
                     h.borrow_mut(py).scheduled = false;
-                    s.ready.push_back(h);
+                    s.ready.push_back(Job::Handle(h));
                 }
             }
         }
@@ -363,12 +388,18 @@ fn run_once(slf: &Bound<'_, EventLoop>) -> PyResult<()> {
     };
     for _ in 0..ntodo {
         let next = slf.borrow_mut().ready.pop_front();
-        let Some(h) = next else { break };
-        let h = h.into_bound(py);
-        let outcome = if debug {
-            run_debug(slf, &h)?
-        } else {
-            run_handle(py, &h, Some(slf.as_any()), false)?
+        let Some(job) = next else { break };
+        let outcome = match job {
+            Job::Handle(h) => {
+                let h = h.into_bound(py);
+                if debug {
+                    run_debug(slf, &h)?
+                } else {
+                    run_handle(py, &h, Some(slf.as_any()), false)?
+                }
+            }
+            Job::Step(t) => task::run_job(py, slf, t, None)?,
+            Job::Wakeup(t, fut) => task::run_job(py, slf, t, Some(fut))?,
         };
         if let RunOutcome::Fatal(e) = outcome {
             return Err(e);
@@ -415,7 +446,7 @@ fn poll(slf: &Bound<'_, EventLoop>, timeout_ms: i32) -> PyResult<()> {
                     if r.borrow(py).cancelled {
                         cancelled_reader = true;
                     } else {
-                        s.ready.push_back(r.clone_ref(py));
+                        s.ready.push_back(Job::Handle(r.clone_ref(py)));
                     }
                 }
             }
@@ -424,7 +455,7 @@ fn poll(slf: &Bound<'_, EventLoop>, timeout_ms: i32) -> PyResult<()> {
                     if w.borrow(py).cancelled {
                         cancelled_writer = true;
                     } else {
-                        s.ready.push_back(w.clone_ref(py));
+                        s.ready.push_back(Job::Handle(w.clone_ref(py)));
                     }
                 }
             }
@@ -518,12 +549,17 @@ impl EventLoop {
             s.debug
         };
         let kwargs = pyo3::types::PyDict::new(py);
-        kwargs.set_item(intern!(py, "name"), name)?;
+        kwargs.set_item(intern!(py, "name"), &name)?;
         // Only when given: Python 3.10's Task and create_task have no `context`.
-        if let Some(context) = context {
+        if let Some(context) = &context {
             kwargs.set_item(intern!(py, "context"), context)?;
         }
-        if debug || !slf.getattr(intern!(py, "_task_factory"))?.is_none() {
+        let factory = slf.getattr(intern!(py, "_task_factory"))?;
+        if !debug && task::is_native_factory(&factory) {
+            // ferroloop's own task factory: make the native Task without calling out.
+            return Ok(task::new_task(py, coro, slf.clone().into_any(), name, context)?.into_any());
+        }
+        if debug || !factory.is_none() {
             return py::base_create_task(py)?.call((slf, coro), Some(&kwargs));
         }
         kwargs.set_item(intern!(py, "loop"), slf)?;
@@ -539,7 +575,7 @@ impl EventLoop {
     /// Append an existing handle to the ready queue (asyncio's `_add_callback`).
     fn _add_callback(&mut self, handle: Bound<'_, Handle>) {
         if !handle.borrow().cancelled {
-            self.ready.push_back(handle.unbind());
+            self.ready.push_back(Job::Handle(handle.unbind()));
         }
     }
 
@@ -706,10 +742,17 @@ impl EventLoop {
         self.timers.iter().map(|h| h.clone_ref(py)).collect()
     }
 
-    /// The handles ready to run in the next turn (asyncio's `_ready` deque, as a copy).
+    /// The handles ready to run in the next turn (asyncio's `_ready` deque, as a copy; a
+    /// queued task step or wake-up shows as its task).
     #[getter]
-    fn _ready(&self, py: Python<'_>) -> Vec<Py<Handle>> {
-        self.ready.iter().map(|h| h.clone_ref(py)).collect()
+    fn _ready(&self, py: Python<'_>) -> Vec<Py<PyAny>> {
+        self.ready
+            .iter()
+            .map(|j| match j {
+                Job::Handle(h) => h.clone_ref(py).into_any(),
+                Job::Step(t) | Job::Wakeup(t, _) => t.clone_ref(py).into_any(),
+            })
+            .collect()
     }
 
     /// `BaseEventLoop.__init__` assigns empty `_ready`/`_scheduled` containers: the native

@@ -9,6 +9,7 @@ mod handles;
 mod py;
 mod reactor;
 mod sockets;
+mod task;
 mod timers;
 
 #[pymodule]
@@ -18,6 +19,13 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handles::Handle>()?;
     m.add_class::<handles::TimerHandle>()?;
     m.add_function(wrap_pyfunction!(sockets::recv, m)?)?;
+    m.add_class::<task::Task>()?;
+    m.add_class::<task::TaskIter>()?;
+    m.add_class::<task::TaskWakeup>()?;
+    m.add_class::<task::TaskStep>()?;
+    m.add_function(wrap_pyfunction!(task::task_factory, m)?)?;
+    task::install(m.py());
+    task::remember_factory(m.py(), m.getattr("task_factory")?);
     fastcall::install(m.py())?;
     Ok(())
 }

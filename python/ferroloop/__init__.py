@@ -13,7 +13,7 @@ Importing ferroloop changes nothing in asyncio until you ask.
 
 import asyncio as __asyncio
 
-from ._ferroloop import Handle, TimerHandle, __version__
+from ._ferroloop import Handle, Task, TimerHandle, __version__, task_factory
 from .loop import Loop
 from .nested import allow_nested
 
@@ -21,12 +21,14 @@ __all__ = (
     "EventLoopPolicy",
     "Handle",
     "Loop",
+    "Task",
     "TimerHandle",
     "__version__",
     "allow_nested",
     "install",
     "new_event_loop",
     "run",
+    "task_factory",
 )
 
 

@@ -57,3 +57,43 @@ else:
 # 3.12 made _make_socket_transport/_make_datagram_transport refuse an fd that another
 # transport still uses (_ensure_fd_no_transport).
 MAKE_TRANSPORT_CHECKS_FD = sys.version_info >= (3, 12)
+
+
+class TASK_COMPAT:  # read by the native Task (src/task.rs)
+    """What ferroloop's native Task needs to know about the running Python's asyncio."""
+
+    # 3.12 added Task(eager_start=...) and eager task factories.
+    HAS_EAGER_START = hasattr(tasks, "_register_eager_task")
+
+    # 3.13: uncancel() bringing the count to zero also withdraws a pending cancel request.
+    UNCANCEL_RESETS_MUST_CANCEL = sys.version_info >= (3, 13)
+
+    @staticmethod
+    def default_loop():
+        """The loop a Future or Task made without ``loop=`` uses (as asyncio's C Future)."""
+        from asyncio import events
+
+        loop = events._get_running_loop()
+        if loop is None:
+            loop = events.get_event_loop()
+        return loop
+
+    @staticmethod
+    def eager_start(task):
+        """asyncio's ``Task.__eager_start`` (3.12+): run the first step now, as the loop's
+        current task; register the task unless it finished in that step."""
+        loop = task.get_loop()
+        prev_task = tasks._swap_current_task(loop, task)
+        try:
+            tasks._register_eager_task(task)
+            try:
+                task.get_context().run(task._eager_step)
+            finally:
+                tasks._unregister_eager_task(task)
+        finally:
+            try:
+                curtask = tasks._swap_current_task(loop, prev_task)
+                assert curtask is task
+            finally:
+                if not task.done():
+                    tasks._register_task(task)
