@@ -5,12 +5,14 @@ use pyo3::prelude::*;
 mod errors;
 mod event_loop;
 mod fastcall;
+mod gather;
 mod handles;
 mod py;
 mod reactor;
 mod sockets;
 mod task;
 mod timers;
+mod wait;
 
 #[pymodule]
 fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -24,6 +26,13 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<task::TaskWakeup>()?;
     m.add_class::<task::TaskStep>()?;
     m.add_function(wrap_pyfunction!(task::task_factory, m)?)?;
+    m.add_class::<wait::WaitCounter>()?;
+    m.add_function(wrap_pyfunction!(wait::any_coroutine, m)?)?;
+    m.add_class::<gather::GatherState>()?;
+    m.add_class::<gather::ShieldInner>()?;
+    m.add_class::<gather::ShieldOuter>()?;
+    m.add_function(wrap_pyfunction!(gather::gather, m)?)?;
+    m.add_function(wrap_pyfunction!(gather::shield, m)?)?;
     task::install(m.py());
     task::remember_factory(m.py(), m.getattr("task_factory")?);
     fastcall::install(m.py())?;

@@ -509,6 +509,10 @@ fn step_run_and_handle_result(
 /// What the coroutine yielded: a future to wait for, None (one turn), or a mistake.
 fn handle_yield(slf: &Bound<'_, Task>, result: Bound<'_, PyAny>) -> PyResult<()> {
     let py = slf.py();
+    if result.is_none() {
+        // A bare yield: give up one loop turn.
+        return schedule_step(slf, None);
+    }
     let loop_ = slf.borrow().loop_obj(py)?;
     if let Ok(fut) = result.cast::<Task>() {
         // One of ours: everything natively.
@@ -833,10 +837,30 @@ fn start(slf: &Bound<'_, Task>, eager_start: bool) -> PyResult<()> {
             .map(|_| ());
     }
     schedule_step(slf, None)?;
-    REGISTER_TASK
-        .import(py, "asyncio.tasks", "_register_task")?
-        .call1((slf,))?;
-    Ok(())
+    register_task(slf)
+}
+
+/// asyncio's `_register_task`: add the task to the weak set `all_tasks()` reads. Done here
+/// (a weak reference in the set's data) unless the set is being iterated.
+fn register_task(slf: &Bound<'_, Task>) -> PyResult<()> {
+    let py = slf.py();
+    let ws = REGISTER_TASK.get_or_try_init(py, || {
+        Ok::<_, PyErr>(compat(py)?.getattr("all_tasks_set")?.unbind())
+    })?;
+    let ws = ws.bind(py);
+    let pending = ws.getattr(intern!(py, "_pending_removals"))?;
+    if pending.is_truthy()? {
+        ws.call_method1(intern!(py, "add"), (slf,))?;
+        return Ok(());
+    }
+    let remove = ws.getattr(intern!(py, "_remove"))?;
+    // SAFETY: both objects are alive; PyWeakref_NewRef returns a new reference or NULL.
+    let r = unsafe {
+        Bound::from_owned_ptr_or_err(py, ffi::PyWeakref_NewRef(slf.as_ptr(), remove.as_ptr()))?
+    };
+    ws.getattr(intern!(py, "data"))?
+        .cast_into::<pyo3::types::PySet>()?
+        .add(r)
 }
 
 /// Fill in a new task (asyncio's `Task.__init__`).
@@ -1008,6 +1032,8 @@ pub fn install(py: Python<'_>) {
         }
         (*raw).tp_dealloc = Some(task_tp_dealloc);
         (*raw).tp_finalize = Some(task_tp_finalize);
+        // Python subclasses inherit tp_finalize only from a base that has this flag.
+        (*raw).tp_flags |= ffi::Py_TPFLAGS_HAVE_FINALIZE;
         ffi::PyType_Modified(raw);
     }
 }
@@ -1049,6 +1075,13 @@ impl Task {
             ));
         }
         init(slf, coro, r#loop, name, context, eager_start)
+    }
+
+    /// The finalizer as a method: a Python subclass's `tp_finalize` calls `__del__`, which
+    /// its class statement finds here (the base type's own slot is set in `install`).
+    #[pyo3(name = "__del__")]
+    fn py_del(slf: &Bound<'_, Self>) -> PyResult<()> {
+        finalize(slf)
     }
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
@@ -1668,4 +1701,112 @@ pub fn task_factory<'py>(
         eager_start.unwrap_or(false),
     )?;
     Ok(t)
+}
+
+// --- operations on any future (native for ferroloop tasks) ------------------------------
+//
+// The task functions (`wait.rs`, `gather.rs`) accept asyncio Futures, asyncio Tasks,
+// ferroloop Tasks and other future-likes; these do what asyncio's functions do through
+// method calls, without a call for ferroloop tasks.
+
+/// `fut.done()`.
+pub fn any_done(fut: &Bound<'_, PyAny>) -> PyResult<bool> {
+    if let Ok(t) = fut.cast::<Task>() {
+        return Ok(t.borrow().state != State::Pending);
+    }
+    fut.call_method0(intern!(fut.py(), "done"))?.is_truthy()
+}
+
+/// `fut.cancelled()`.
+pub fn any_cancelled(fut: &Bound<'_, PyAny>) -> PyResult<bool> {
+    if let Ok(t) = fut.cast::<Task>() {
+        return Ok(t.borrow().state == State::Cancelled);
+    }
+    fut.call_method0(intern!(fut.py(), "cancelled"))?
+        .is_truthy()
+}
+
+/// `fut.exception()` (marks the exception retrieved; raises if cancelled or pending).
+pub fn any_exception<'py>(fut: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let py = fut.py();
+    if let Ok(t) = fut.cast::<Task>() {
+        return Ok(Task::exception(t)?.map(|e| e.into_bound(py)));
+    }
+    let e = fut.call_method0(intern!(py, "exception"))?;
+    Ok((!e.is_none()).then_some(e))
+}
+
+/// `fut.result()`.
+pub fn any_result<'py>(fut: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    if let Ok(t) = fut.cast::<Task>() {
+        return task_result(t);
+    }
+    fut.call_method0(intern!(fut.py(), "result"))
+}
+
+/// `fut._make_cancelled_error()`.
+pub fn any_make_cancelled_error<'py>(fut: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    if let Ok(t) = fut.cast::<Task>() {
+        return make_cancelled_error(t);
+    }
+    fut.call_method0(intern!(fut.py(), "_make_cancelled_error"))
+}
+
+/// `fut._cancel_message`.
+pub fn any_cancel_message<'py>(fut: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    let py = fut.py();
+    if let Ok(t) = fut.cast::<Task>() {
+        return Ok(t
+            .borrow()
+            .cancel_message
+            .as_ref()
+            .map_or_else(|| py.None().into_bound(py), |m| m.bind(py).clone()));
+    }
+    fut.getattr(intern!(py, "_cancel_message"))
+}
+
+/// `fut.add_done_callback(cb)`.
+pub fn any_add_done_callback(fut: &Bound<'_, PyAny>, cb: &Bound<'_, PyAny>) -> PyResult<()> {
+    if let Ok(t) = fut.cast::<Task>() {
+        return Task::add_done_callback(t, cb.clone(), None);
+    }
+    fut.call_method1(intern!(fut.py(), "add_done_callback"), (cb,))?;
+    Ok(())
+}
+
+/// `fut.remove_done_callback(cb)`; for ferroloop tasks `cb` is matched by identity only
+/// (the callers pass their own native callbacks).
+pub fn any_remove_done_callback(fut: &Bound<'_, PyAny>, cb: &Bound<'_, PyAny>) -> PyResult<()> {
+    if let Ok(t) = fut.cast::<Task>() {
+        let gone: Vec<_> = {
+            let mut b = t.borrow_mut();
+            let old = std::mem::take(&mut b.callbacks);
+            let (gone, kept): (Vec<_>, Vec<_>) = old
+                .into_iter()
+                .partition(|(c, _)| matches!(c, DoneCallback::Call(f) if f.bind(fut.py()).is(cb)));
+            b.callbacks = kept;
+            gone
+        };
+        drop(gone);
+        return Ok(());
+    }
+    fut.call_method1(intern!(fut.py(), "remove_done_callback"), (cb,))?;
+    Ok(())
+}
+
+/// `futures._get_loop(fut)`.
+pub fn any_get_loop<'py>(fut: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    if let Ok(t) = fut.cast::<Task>() {
+        return t.borrow().loop_obj(fut.py());
+    }
+    future_get_loop(fut)
+}
+
+/// `fut._log_destroy_pending = False` (a task made for the caller need not be awaited).
+pub fn any_quiet_destroy(fut: &Bound<'_, PyAny>) -> PyResult<()> {
+    if let Ok(t) = fut.cast::<Task>() {
+        t.borrow_mut().log_destroy_pending = false;
+        return Ok(());
+    }
+    fut.setattr(intern!(fut.py(), "_log_destroy_pending"), false)
 }

@@ -16,6 +16,7 @@ import asyncio as __asyncio
 from ._ferroloop import Handle, Task, TimerHandle, __version__, task_factory
 from .loop import Loop
 from .nested import allow_nested
+from .tasks import as_completed, gather, shield, wait, wait_for
 
 __all__ = (
     "EventLoopPolicy",
@@ -25,10 +26,15 @@ __all__ = (
     "TimerHandle",
     "__version__",
     "allow_nested",
+    "as_completed",
+    "gather",
     "install",
     "new_event_loop",
     "run",
+    "shield",
     "task_factory",
+    "wait",
+    "wait_for",
 )
 
 

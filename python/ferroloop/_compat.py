@@ -65,6 +65,22 @@ class TASK_COMPAT:  # read by the native Task (src/task.rs)
     # 3.12 added Task(eager_start=...) and eager task factories.
     HAS_EAGER_START = hasattr(tasks, "_register_eager_task")
 
+    # 3.12 gather() runs the callbacks of children already done (eager tasks) once its
+    # outer future exists, instead of adding callbacks to them.
+    GATHER_DONE_AT_ONCE = sys.version_info >= (3, 12)
+
+    # The weak set asyncio.all_tasks() reads for tasks that are not asyncio's C tasks
+    # (3.12 renamed it from _all_tasks to _scheduled_tasks).
+    all_tasks_set = (
+        tasks._scheduled_tasks if hasattr(tasks, "_scheduled_tasks") else tasks._all_tasks
+    )
+
+    # asyncio's own pieces the native task functions use.
+    GatheringFuture = tasks._GatheringFuture
+    # 3.11's gather/shield call _ensure_future (its deprecation warnings point at the
+    # caller); 3.12 folded it into ensure_future.
+    ensure_future = staticmethod(getattr(tasks, "_ensure_future", tasks.ensure_future))
+
     # 3.13: uncancel() bringing the count to zero also withdraws a pending cancel request.
     UNCANCEL_RESETS_MUST_CANCEL = sys.version_info >= (3, 13)
 
@@ -77,6 +93,19 @@ class TASK_COMPAT:  # read by the native Task (src/task.rs)
         if loop is None:
             loop = events.get_event_loop()
         return loop
+
+    @staticmethod
+    def gather_nothing():
+        """``gather()`` with no arguments: a finished future on the current loop."""
+        from asyncio import events
+
+        if sys.version_info >= (3, 12):
+            loop = events.get_event_loop()
+        else:
+            loop = events._get_event_loop()
+        outer = loop.create_future()
+        outer.set_result([])
+        return outer
 
     @staticmethod
     def eager_start(task):
