@@ -418,9 +418,12 @@ def ferrotask_test_tasks(module, impl):
     def new_task(self, coro):
         return task(coro, loop=self.loop)
 
-    _on_target(
-        module, "FerroCurrentLoopTests", (module.BaseCurrentLoopTests, tc), {"new_task": new_task}
-    )
+    attrs = {"new_task": new_task}
+    if "current_task" in vars(module.BaseCurrentLoopTests):
+        # 3.12+: the Py/C classes pass their own current_task; the Task registers with
+        # asyncio's registry, so the one users call, asyncio.current_task, must see it.
+        attrs["current_task"] = staticmethod(asyncio.current_task)
+    _on_target(module, "FerroCurrentLoopTests", (module.BaseCurrentLoopTests, tc), attrs)
 
 
 def ferrotask_test_eager_task_factory(module, impl):
