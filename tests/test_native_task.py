@@ -1,0 +1,1070 @@
+"""ferroloop's native Task (``ferroloop.Task``, ``ferroloop.task_factory``) against asyncio.Task.
+
+Every test runs on both loops (the ``loop`` fixture: asyncio's and ferroloop's) x both task
+kinds (the ``task_kind`` fixture): "asyncio" (the loop's default factory, so asyncio.Task:
+the oracle) and "ferroloop" (``loop.set_task_factory(ferroloop.task_factory)``). The
+expected values are asyncio's, so the "asyncio" task kind checks the test itself and a test
+failing only for the "ferroloop" kind is a parity bug in ferroloop.Task.
+"""
+
+import asyncio
+import contextvars
+import gc
+import io
+import re
+import sys
+import types
+import weakref
+
+import pytest
+from parity_helpers import SKIP_NATIVE, import_ferroloop, new_loop, run, run_briefly, turns
+
+PY311 = sys.version_info >= (3, 11)
+PY312 = sys.version_info >= (3, 12)
+needs_311 = pytest.mark.skipif(not PY311, reason="3.11+ API")
+needs_312 = pytest.mark.skipif(not PY312, reason="eager tasks are 3.12+")
+
+TASK_KINDS = ["asyncio"] if SKIP_NATIVE else ["asyncio", "ferroloop"]
+
+var = contextvars.ContextVar("native_task_var", default="default")
+
+
+@pytest.fixture(params=TASK_KINDS)
+def task_kind(request):
+    """Which Task the loop's create_task makes: "asyncio" (oracle) or "ferroloop"."""
+    return request.param
+
+
+@pytest.fixture
+def tloop(loop, task_kind):
+    """The ``loop`` fixture, its task factory set to ferroloop's for the "ferroloop" kind."""
+    if task_kind == "ferroloop":
+        loop.set_task_factory(import_ferroloop().task_factory)
+    return loop
+
+
+def task_class(task_kind):
+    return asyncio.Task if task_kind == "asyncio" else import_ferroloop().Task
+
+
+def xfail_for_ferroloop(request, task_kind, reason):
+    """Mark the ferroloop-kind instances of a test as a strict expected failure."""
+    if task_kind == "ferroloop":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+
+
+def context_of(task):
+    """Task.get_context() (3.12+; the _context attribute before)."""
+    if hasattr(task, "get_context"):
+        return task.get_context()
+    return getattr(task, "_context", None)  # not exposed by 3.11's C Task
+
+
+async def value(v):
+    await asyncio.sleep(0)
+    return v
+
+
+async def fail(exc):
+    await asyncio.sleep(0)
+    raise exc
+
+
+async def wait_on(fut):
+    return await fut
+
+
+async def cancel_and_wait(*tasks):
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# -- the kind of task -----------------------------------------------------------------------
+
+
+def test_create_task_makes_the_kind_under_test(tloop, task_kind):
+    cls = task_class(task_kind)
+
+    async def main():
+        inner = asyncio.create_task(value(1))
+        return type(inner), type(asyncio.current_task()), await inner
+
+    outer = tloop.create_task(main())
+    assert type(outer) is cls
+    assert tloop.run_until_complete(outer) == (cls, cls, 1)
+    assert asyncio.isfuture(outer)
+    assert outer.get_loop() is tloop
+
+
+def test_task_class_api_shape(task_kind):
+    cls = task_class(task_kind)
+    alias = cls[int]
+    assert isinstance(alias, types.GenericAlias)
+    assert alias.__origin__ is cls
+    assert alias.__args__ == (int,)
+    if task_kind == "ferroloop":
+        # A Rust type cannot subclass asyncio's C Future/Task; duck-typed instead.
+        assert not issubclass(cls, asyncio.Future)
+
+
+def test_direct_construction(tloop, task_kind):
+    cls = task_class(task_kind)
+    ctx = contextvars.copy_context()
+    coro = value(7)
+    t = cls(coro, loop=tloop, name="direct", context=ctx)
+    assert t.get_loop() is tloop
+    assert t.get_name() == "direct"
+    assert context_of(t) in (ctx, None)
+    assert t.get_coro() is coro
+    assert not t.done()
+    assert t._asyncio_future_blocking is False
+    assert tloop.run_until_complete(t) == 7
+
+
+def test_non_coroutine_is_rejected(tloop, task_kind):
+    with pytest.raises(TypeError) as oracle:
+        asyncio.Task(42, loop=tloop)
+    with pytest.raises(TypeError) as err:
+        task_class(task_kind)(42, loop=tloop)
+    assert str(err.value) == str(oracle.value)
+
+
+def test_set_result_and_set_exception_are_refused(tloop):
+    fut = tloop.create_future()
+    t = tloop.create_task(wait_on(fut))
+    with pytest.raises(RuntimeError, match="^Task does not support set_result operation$"):
+        t.set_result(1)
+    with pytest.raises(RuntimeError, match="^Task does not support set_exception operation$"):
+        t.set_exception(ValueError())
+    fut.set_result(3)
+    assert tloop.run_until_complete(t) == 3
+
+
+# -- result, exception, cancellation --------------------------------------------------------
+
+
+def test_result(tloop):
+    t = tloop.create_task(value("v"))
+    with pytest.raises(asyncio.InvalidStateError):
+        t.result()
+    with pytest.raises(asyncio.InvalidStateError):
+        t.exception()
+    assert tloop.run_until_complete(t) == "v"
+    assert (t.done(), t.cancelled(), t.result(), t.exception()) == (True, False, "v", None)
+
+
+def test_exception(tloop):
+    exc = ValueError("boom")
+    t = tloop.create_task(fail(exc))
+    with pytest.raises(ValueError) as info:
+        tloop.run_until_complete(t)
+    assert info.value is exc
+    assert t.done() and not t.cancelled()
+    assert t.exception() is exc
+    with pytest.raises(ValueError) as info:
+        t.result()
+    assert info.value is exc
+
+
+def _cancel_with_message(lp, make_task):
+    """Cancel a task awaiting a future, with a message; what everyone sees, in order."""
+    events = []
+
+    async def body(fut):
+        try:
+            await fut
+        except asyncio.CancelledError as e:
+            events.append(("inside", e.args))
+            raise
+
+    fut = lp.create_future()
+    t = make_task(body(fut))
+    run_briefly(lp)
+    events.append(("cancel", t.cancel("the message"), t.cancelling(), fut.cancelled()))
+    try:
+        lp.run_until_complete(t)
+    except asyncio.CancelledError as e:
+        events.append(("run_until_complete", e.args))
+    events.append(("state", t.cancelled(), t.done(), t.cancelling()))
+    for method in (t.result, t.exception, t.result):
+        try:
+            method()
+        except asyncio.CancelledError as e:
+            events.append((method.__name__, e.args))
+    events.append(("cancel again", t.cancel()))
+    return events
+
+
+def test_cancel_with_message_while_awaiting_a_future(tloop):
+    events = _cancel_with_message(tloop, tloop.create_task)
+    assert events[:4] == [
+        ("cancel", True, 1, True),
+        ("inside", ("the message",)),
+        ("run_until_complete", ("the message",)),
+        ("state", True, True, 1),
+    ]
+    # What result()/exception() raise later differs between Python versions: the oracle.
+    assert events == _cancel_with_message(tloop, lambda c: asyncio.Task(c, loop=tloop))
+
+
+def test_cancel_while_awaiting_another_task(tloop):
+    async def main():
+        inner = asyncio.create_task(wait_on(tloop.create_future()))
+        outer = asyncio.create_task(wait_on(inner))
+        await turns(2)
+        outer.cancel("stop")
+        await asyncio.gather(outer, inner, return_exceptions=True)
+        return outer.cancelled(), inner.cancelled(), inner.cancelling(), outer.cancelling()
+
+    assert run(tloop, main()) == (True, True, 1, 1)
+
+
+def test_cancel_while_sleeping(tloop):
+    events = []
+
+    async def sleeper():
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError as e:
+            events.append(e.args)
+            raise
+
+    async def main():
+        t = asyncio.create_task(sleeper())
+        await turns(2)
+        t.cancel()
+        await asyncio.gather(t, return_exceptions=True)
+        return t.cancelled()
+
+    assert run(tloop, main()) is True
+    assert events == [()]
+
+
+def test_cancel_before_the_first_step(tloop):
+    events = []
+
+    async def body():
+        events.append("ran")
+
+    t = tloop.create_task(body())
+    assert t.cancel("early") is True
+    assert t.cancelling() == 1
+    assert repr(t).startswith("<Task cancelling ")
+    with pytest.raises(asyncio.CancelledError) as info:
+        tloop.run_until_complete(t)
+    assert info.value.args == ("early",)
+    assert events == []
+    assert t.cancelled()
+    assert t.get_coro().cr_frame is None  # closed without running
+
+
+def test_cancel_twice_then_uncancel_inside(tloop):
+    events = []
+    fut = tloop.create_future()
+
+    async def body():
+        try:
+            await fut
+        except asyncio.CancelledError:
+            t = asyncio.current_task()
+            events.append(("caught", t.cancelling()))
+            events.append(("uncancel", t.uncancel()))
+        return "survived"
+
+    t = tloop.create_task(body())
+    run_briefly(tloop)
+    assert t.cancel() is True
+    assert t.cancel() is True
+    assert t.cancelling() == 2
+    assert tloop.run_until_complete(t) == "survived"
+    assert events == [("caught", 2), ("uncancel", 1)]
+    assert t.cancelling() == 1
+    assert not t.cancelled()
+
+
+def test_uncancel_counts(tloop):
+    fut = tloop.create_future()
+    t = tloop.create_task(wait_on(fut))
+    assert t.cancelling() == 0
+    assert t.uncancel() == 0  # never below zero
+    t.cancel()
+    t.cancel()
+    t.cancel()
+    assert t.cancelling() == 3
+    assert t.uncancel() == 2
+    assert t.uncancel() == 1
+    assert t.cancelling() == 1
+    with pytest.raises(asyncio.CancelledError):
+        tloop.run_until_complete(t)
+    assert t.cancelled()
+
+
+def test_swallowed_cancel_lets_the_task_finish(tloop):
+    async def body():
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass
+        await asyncio.sleep(0)
+        return "after"
+
+    t = tloop.create_task(body())
+    run_briefly(tloop)
+    t.cancel()
+    assert tloop.run_until_complete(t) == "after"
+    assert not t.cancelled()
+    assert t.cancelling() == 1
+
+
+def test_cancel_a_done_task(tloop):
+    t = tloop.create_task(value(1))
+    tloop.run_until_complete(t)
+    assert t.cancel() is False
+    assert t.cancelling() == 0
+    assert not t.cancelled()
+
+
+def test_cancelled_error_raised_by_the_coroutine(tloop):
+    async def body():
+        await asyncio.sleep(0)
+        raise asyncio.CancelledError("own")
+
+    t = tloop.create_task(body())
+    with pytest.raises(asyncio.CancelledError):
+        tloop.run_until_complete(t)
+    assert t.cancelled()
+    assert t.cancelling() == 0
+
+
+# -- what a task may yield --------------------------------------------------------------------
+
+
+class Yield:
+    """An awaitable that yields ``v`` to the task as is (bypassing ``yield from``)."""
+
+    def __init__(self, v):
+        self.v = v
+
+    def __await__(self):
+        return (yield self.v)
+
+
+def test_task_awaiting_itself(tloop):
+    async def selfish():
+        await asyncio.current_task()
+
+    t = tloop.create_task(selfish())
+    with pytest.raises(RuntimeError) as info:
+        tloop.run_until_complete(t)
+    assert str(info.value).startswith(
+        f"Task cannot await on itself: <Task pending name='{t.get_name()}' coro=<"
+    ), str(info.value)
+
+
+def test_bad_yield(tloop):
+    async def body():
+        await Yield(42)
+
+    t = tloop.create_task(body())
+    with pytest.raises(RuntimeError, match=r"^Task got bad yield: 42$"):
+        tloop.run_until_complete(t)
+
+
+def test_yield_of_a_bare_generator(tloop):
+    def gen():
+        yield
+
+    async def body():
+        await Yield(gen())
+
+    t = tloop.create_task(body())
+    with pytest.raises(RuntimeError) as info:
+        tloop.run_until_complete(t)
+    msg = str(info.value)
+    assert msg.startswith("yield was used instead of yield from for generator in task <Task ")
+    assert re.search(r" with <generator object .*gen at 0x[0-9a-f]+>$", msg), msg
+
+
+def test_yield_of_a_future_without_yield_from(tloop):
+    fut = tloop.create_future()
+
+    async def body():
+        await Yield(fut)
+
+    t = tloop.create_task(body())
+    with pytest.raises(RuntimeError) as info:
+        tloop.run_until_complete(t)
+    msg = str(info.value)
+    assert msg.startswith("yield was used instead of yield from in task <Task ")
+    assert msg.endswith(" with <Future pending>"), msg
+
+
+def test_bare_yield_relinquishes_one_iteration(tloop):
+    events = []
+
+    async def yielder():
+        events.append("y1")
+        await Yield(None)
+        events.append("y2")
+        return "done"
+
+    async def other():
+        events.append("o1")
+        await asyncio.sleep(0)
+        events.append("o2")
+        await asyncio.sleep(0)
+        events.append("o3")
+
+    async def main():
+        a = asyncio.create_task(yielder())
+        b = asyncio.create_task(other())
+        return await asyncio.gather(a, b)
+
+    assert run(tloop, main()) == ["done", None]
+    assert events == ["y1", "o1", "y2", "o2", "o3"]
+
+
+def test_future_from_another_loop(tloop, loop_kind):
+    other = new_loop(loop_kind)
+    try:
+        foreign = asyncio.Future(loop=other)
+
+        async def body():
+            await foreign
+
+        t = tloop.create_task(body())
+        with pytest.raises(RuntimeError) as info:
+            tloop.run_until_complete(t)
+        msg = str(info.value)
+        assert msg.startswith("Task <Task pending name=")
+        assert msg.endswith(" got Future <Future pending> attached to a different loop"), msg
+    finally:
+        other.close()
+
+
+# -- the registry: current_task, all_tasks ---------------------------------------------------
+
+
+def test_current_task(tloop):
+    seen = []
+
+    async def body():
+        seen.append(asyncio.current_task())
+        seen.append(asyncio.current_task(tloop))
+        await asyncio.sleep(0)
+        seen.append(asyncio.current_task())
+
+    assert asyncio.current_task(tloop) is None
+    t = tloop.create_task(body())
+    t.add_done_callback(lambda _: seen.append(asyncio.current_task(tloop)))
+    tloop.run_until_complete(t)
+    assert seen == [t, t, t, None]
+    assert asyncio.current_task(tloop) is None
+
+
+def test_all_tasks(tloop):
+    async def main():
+        pending = asyncio.create_task(wait_on(tloop.create_future()))
+        finished = asyncio.create_task(value(1))
+        await finished
+        await asyncio.sleep(0)
+        tasks = asyncio.all_tasks()
+        result = (pending in tasks, finished in tasks, asyncio.current_task() in tasks)
+        await cancel_and_wait(pending)
+        return result, pending in asyncio.all_tasks()
+
+    assert run(tloop, main()) == ((True, False, True), False)
+
+
+def test_all_tasks_outside_the_loop(tloop):
+    t = tloop.create_task(wait_on(tloop.create_future()))
+    assert asyncio.all_tasks(tloop) == {t}
+    t.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        tloop.run_until_complete(t)
+    assert asyncio.all_tasks(tloop) == set()
+
+
+# -- contextvars ----------------------------------------------------------------------------
+
+
+def test_each_task_runs_in_its_own_context_copy(tloop):
+    async def child(v):
+        seen = var.get()
+        var.set(v)
+        await asyncio.sleep(0)
+        return seen, var.get()
+
+    async def main():
+        var.set("main")
+        t1 = asyncio.create_task(child("a"))
+        t2 = asyncio.create_task(child("b"))
+        var.set("main-after")
+        results = await asyncio.gather(t1, t2)
+        contexts = [c[var] for c in (context_of(t1), context_of(t2)) if c is not None]
+        return results, var.get(), contexts
+
+    results, after, contexts = run(tloop, main())
+    assert (results, after) == ([("main", "a"), ("main", "b")], "main-after")
+    assert contexts in ([], ["a", "b"])
+    assert var.get() == "default"
+
+
+def test_context_argument_is_honoured(tloop):
+    ctx = contextvars.copy_context()
+    ctx.run(var.set, "given")
+
+    async def body():
+        seen = var.get()
+        var.set("changed")
+        await asyncio.sleep(0)
+        return seen
+
+    t = tloop.create_task(body(), context=ctx)
+    assert context_of(t) in (ctx, None)
+    assert tloop.run_until_complete(t) == "given"
+    assert ctx[var] == "changed"
+    assert var.get() == "default"
+
+
+# -- done callbacks -------------------------------------------------------------------------
+
+
+def test_done_callbacks_run_in_order_via_call_soon(tloop):
+    events = []
+
+    async def main():
+        t = asyncio.create_task(value(1))
+        t.add_done_callback(lambda f: events.append(("cb1", f is t)))
+        t.add_done_callback(lambda f: events.append(("cb2", f is t)))
+        await t
+        events.append("awaited")
+        t.add_done_callback(lambda f: events.append(("late", f is t)))
+        events.append("added late")
+        await asyncio.sleep(0)
+        events.append("after a turn")
+
+    run(tloop, main())
+    assert events == [
+        ("cb1", True),
+        ("cb2", True),
+        "awaited",
+        "added late",
+        ("late", True),
+        "after a turn",
+    ]
+
+
+def test_done_callback_from_the_task_own_step_is_not_synchronous(tloop):
+    events = []
+
+    async def body():
+        asyncio.current_task().add_done_callback(lambda f: events.append("cb"))
+        events.append("returning")
+        return 1
+
+    t = tloop.create_task(body())
+    t.add_done_callback(lambda f: events.append("first"))
+    tloop.call_soon(events.append, "queued before")
+    tloop.run_until_complete(t)
+    # run_until_complete's own callback stops the loop; run one more turn for ours.
+    run_briefly(tloop)
+    assert events == ["returning", "queued before", "first", "cb"]
+
+
+def test_done_callback_context(tloop):
+    seen = []
+    ctx = contextvars.copy_context()
+    ctx.run(var.set, "callback ctx")
+
+    async def body():
+        var.set("task ctx")
+        await asyncio.sleep(0)
+
+    t = tloop.create_task(body())
+    t.add_done_callback(lambda f: seen.append(("explicit", var.get())), context=ctx)
+    t.add_done_callback(lambda f: seen.append(("implicit", var.get())))
+    tloop.run_until_complete(t)
+    run_briefly(tloop)
+    assert seen == [("explicit", "callback ctx"), ("implicit", "default")]
+
+
+def test_remove_done_callback(tloop):
+    called = []
+
+    def f(_):
+        called.append("f")
+
+    def g(_):
+        called.append("g")
+
+    t = tloop.create_task(value(1))
+    t.add_done_callback(f)
+    t.add_done_callback(g)
+    t.add_done_callback(f)
+    assert t.remove_done_callback(f) == 2
+    assert t.remove_done_callback(f) == 0
+    t.add_done_callback(f)
+    tloop.run_until_complete(t)
+    run_briefly(tloop)
+    assert called == ["g", "f"]
+    assert t.remove_done_callback(g) == 0
+
+
+def test_callback_added_and_removed_before_done(tloop):
+    called = []
+    t = tloop.create_task(value(1))
+    t.add_done_callback(called.append)
+    assert t.remove_done_callback(called.append) == 1
+    tloop.run_until_complete(t)
+    run_briefly(tloop)
+    assert called == []
+
+
+# -- names, repr, stack ---------------------------------------------------------------------
+
+
+def test_default_names(tloop):
+    t1 = tloop.create_task(value(1))
+    t2 = tloop.create_task(value(2))
+    m1 = re.fullmatch(r"Task-(\d+)", t1.get_name())
+    m2 = re.fullmatch(r"Task-(\d+)", t2.get_name())
+    assert m1 and m2, (t1.get_name(), t2.get_name())
+    assert int(m2.group(1)) > int(m1.group(1))
+    tloop.run_until_complete(asyncio.gather(t1, t2))
+
+
+def test_names_given_and_set(tloop, task_kind):
+    t = tloop.create_task(value(1), name="given")
+    assert t.get_name() == "given"
+    t.set_name(("a", 1))
+    assert t.get_name() == "('a', 1)"
+    t.set_name(123)
+    assert t.get_name() == "123"
+    assert "name='123'" in repr(t)
+    direct = task_class(task_kind)(value(2), loop=tloop, name=456)
+    assert direct.get_name() == "456"
+    tloop.run_until_complete(asyncio.gather(t, direct))
+
+
+def _norm(text):
+    return re.sub(r"0x[0-9a-f]+", "0x?", text)
+
+
+def test_repr_shapes(tloop):
+    fut = tloop.create_future()
+
+    async def waiter():
+        return await fut
+
+    async def boom():
+        raise ValueError("x")
+
+    here = __file__
+    t = tloop.create_task(waiter(), name="w")
+    assert re.fullmatch(
+        rf"<Task pending name='w' coro=<test_repr_shapes\.<locals>\.waiter\(\) "
+        rf"running at {re.escape(here)}:\d+>>",
+        repr(t),
+    ), repr(t)
+    run_briefly(tloop)
+    assert re.fullmatch(
+        r"<Task pending name='w' coro=<.*waiter\(\) running at .*:\d+> "
+        r"wait_for=<Future pending cb=\[.*\]>>",
+        repr(t),
+    ), repr(t)
+    fut.set_result(5)
+    tloop.run_until_complete(t)
+    assert re.fullmatch(
+        r"<Task finished name='w' coro=<.*waiter\(\) done, defined at .*:\d+> result=5>",
+        repr(t),
+    ), repr(t)
+
+    b = tloop.create_task(boom(), name="b")
+    with pytest.raises(ValueError):
+        tloop.run_until_complete(b)
+    assert re.fullmatch(
+        r"<Task finished name='b' coro=<.*boom\(\) done, defined at .*:\d+> "
+        r"exception=ValueError\('x'\)>",
+        repr(b),
+    ), repr(b)
+
+    c = tloop.create_task(boom(), name="c")
+    c.cancel()
+    assert re.fullmatch(r"<Task cancelling name='c' coro=<.*boom\(\) running at .*>>", repr(c))
+    with pytest.raises(asyncio.CancelledError):
+        tloop.run_until_complete(c)
+    assert re.fullmatch(
+        r"<Task cancelled name='c' coro=<.*boom\(\) done, defined at .*:\d+>>", repr(c)
+    ), repr(c)
+
+
+def test_repr_wait_for_is_asyncio_s(request, tloop, task_kind):
+    """The wait_for= part names the awaited future exactly as for an asyncio.Task."""
+    xfail_for_ferroloop(
+        request,
+        task_kind,
+        "the awaited Future's repr shows ferroloop's wakeup callback as "
+        "'cb=[<TaskWakeupMethWrapper object at 0x...>()]' where asyncio.Task shows "
+        "'cb=[Task.task_wakeup()]'",
+    )
+    fut = tloop.create_future()
+    fut2 = tloop.create_future()
+    oracle = asyncio.Task(wait_on(fut2), loop=tloop, name="same")
+    t = tloop.create_task(wait_on(fut), name="same")
+    run_briefly(tloop)
+    assert _norm(repr(t)) == _norm(repr(oracle))
+    fut.set_result(None)
+    fut2.set_result(None)
+    tloop.run_until_complete(asyncio.gather(t, oracle))
+
+
+def test_get_stack_and_print_stack(tloop):
+    fut = tloop.create_future()
+
+    async def deep_waiter():
+        return await fut
+
+    t = tloop.create_task(deep_waiter(), name="stacked")
+    run_briefly(tloop)
+    stack = t.get_stack()
+    assert [f.f_code.co_name for f in stack] == ["deep_waiter"]
+    assert t.get_stack(limit=1)[0] is stack[0]
+    out = io.StringIO()
+    assert t.print_stack(file=out) is None
+    text = out.getvalue()
+    assert text.startswith("Stack for <Task pending name='stacked'")
+    assert "(most recent call last):" in text
+    assert "in deep_waiter" in text
+    fut.set_result(1)
+    tloop.run_until_complete(t)
+    assert t.get_stack() == []
+
+
+def test_get_stack_of_a_failed_task(tloop):
+    async def failing():
+        raise KeyError("k")
+
+    t = tloop.create_task(failing())
+    run_briefly(tloop)
+    assert isinstance(t.exception(), KeyError)
+    assert [f.f_code.co_name for f in t.get_stack()] == ["failing"]
+    out = io.StringIO()
+    t.print_stack(file=out)
+    text = out.getvalue()
+    assert text.startswith("Traceback for <Task finished"), text
+    assert "KeyError: 'k'" in text
+
+
+# -- logging of lost tasks, freeing ---------------------------------------------------------
+
+
+def _record_loop_errors(lp):
+    contexts = []
+    lp.set_exception_handler(lambda _loop, ctx: contexts.append(ctx))
+    return contexts
+
+
+def test_destroyed_pending_task_is_reported(tloop, task_kind):
+    contexts = _record_loop_errors(tloop)
+    t = tloop.create_task(wait_on(tloop.create_future()), name="lost")
+    assert t._log_destroy_pending is True
+    run_briefly(tloop)
+    del t
+    gc.collect()
+    assert [c["message"] for c in contexts] == ["Task was destroyed but it is pending!"]
+    task = contexts[0]["task"]
+    assert type(task) is task_class(task_kind)
+    assert task.get_name() == "lost"
+    assert not task.done()
+    contexts.clear()
+    del task
+
+
+def test_destroyed_pending_not_reported_with_log_destroy_pending_false(tloop):
+    contexts = _record_loop_errors(tloop)
+    t = tloop.create_task(wait_on(tloop.create_future()))
+    t._log_destroy_pending = False
+    assert t._log_destroy_pending is False
+    run_briefly(tloop)
+    del t
+    gc.collect()
+    assert contexts == []
+
+
+def test_exception_never_retrieved_is_reported(tloop, task_kind):
+    contexts = _record_loop_errors(tloop)
+    exc = ValueError("lost")
+
+    async def body():
+        raise exc
+
+    t = tloop.create_task(body())
+    run_briefly(tloop, 2)
+    assert t.done()
+    del t
+    gc.collect()
+    assert [c["message"] for c in contexts] == ["Task exception was never retrieved"]
+    assert contexts[0]["exception"] is exc
+    assert type(contexts[0]["future"]) is task_class(task_kind)
+    contexts.clear()
+
+
+def test_retrieved_exception_is_not_reported(tloop):
+    contexts = _record_loop_errors(tloop)
+
+    async def body():
+        raise ValueError("seen")
+
+    t1 = tloop.create_task(body())
+    t2 = tloop.create_task(body())
+    t3 = tloop.create_task(body())
+    run_briefly(tloop, 2)
+    assert isinstance(t1.exception(), ValueError)
+    with pytest.raises(ValueError):
+        t2.result()
+    t3._log_traceback = False
+    del t1, t2, t3
+    gc.collect()
+    assert contexts == []
+
+
+def test_cancelled_task_is_not_reported(tloop):
+    contexts = _record_loop_errors(tloop)
+    t = tloop.create_task(wait_on(tloop.create_future()))
+    run_briefly(tloop)
+    t.cancel()
+    run_briefly(tloop, 2)
+    assert t.cancelled()
+    del t
+    gc.collect()
+    assert contexts == []
+
+
+@pytest.mark.parametrize("outcome", ["result", "exception", "cancelled"])
+def test_finished_task_is_freed_by_refcount(tloop, outcome):
+    async def body():
+        await asyncio.sleep(0)
+        if outcome == "exception":
+            raise ValueError("x")
+        return object()
+
+    gc.collect()
+    gc.disable()
+    try:
+        t = tloop.create_task(body())
+        if outcome == "cancelled":
+            t.cancel()
+        run_briefly(tloop, 3)
+        assert t.done()
+        if outcome == "exception":
+            t.exception()
+        ref = weakref.ref(t)
+        del t
+        assert ref() is None, "the finished task is kept alive (a reference cycle?)"
+    finally:
+        gc.enable()
+
+
+def test_awaited_task_is_freed_by_refcount(tloop):
+    refs = []
+
+    async def main():
+        t = asyncio.create_task(value(1))
+        refs.append(weakref.ref(t))
+        return await t
+
+    gc.collect()
+    gc.disable()
+    try:
+        m = tloop.create_task(main())
+        assert tloop.run_until_complete(m) == 1
+        refs.append(weakref.ref(m))
+        del m
+        assert [r() for r in refs] == [None, None]
+    finally:
+        gc.enable()
+
+
+# -- BaseExceptions -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
+def test_base_exception_propagates_out_of_run_until_complete(tloop, exc_type):
+    async def body():
+        await asyncio.sleep(0)
+        raise exc_type()
+
+    t = tloop.create_task(body())
+    with pytest.raises(exc_type):
+        tloop.run_until_complete(t)
+    assert t.done()
+    assert isinstance(t.exception(), exc_type)
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
+def test_base_exception_in_a_background_task(tloop, exc_type):
+    async def body():
+        await asyncio.sleep(0)
+        raise exc_type()
+
+    fut = tloop.create_future()
+    bg = tloop.create_task(body())
+    main = tloop.create_task(wait_on(fut))
+    with pytest.raises(exc_type):
+        tloop.run_until_complete(main)
+    assert bg.done() and isinstance(bg.exception(), exc_type)
+    assert not main.done()
+    main.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        tloop.run_until_complete(main)
+
+
+# -- asyncio's structured helpers with ferroloop tasks ---------------------------------------
+
+
+@needs_311
+def test_task_group(tloop, task_kind):
+    cls = task_class(task_kind)
+
+    async def main():
+        async with asyncio.TaskGroup() as tg:
+            a = tg.create_task(value(1))
+            b = tg.create_task(value(2), name="b")
+        return type(a) is cls, a.result(), b.result(), b.get_name()
+
+    assert run(tloop, main()) == (True, 1, 2, "b")
+
+
+@needs_311
+def test_task_group_error_cancels_siblings(tloop):
+    async def main():
+        sibling = None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                sibling = tg.create_task(wait_on(tloop.create_future()))
+                tg.create_task(fail(ValueError("bad")))
+        except ExceptionGroup as eg:
+            return [type(e) for e in eg.exceptions], sibling.cancelled()
+
+    assert run(tloop, main()) == ([ValueError], True)
+
+
+@needs_311
+def test_timeout_context_manager(tloop):
+    async def main():
+        task = asyncio.current_task()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.001):
+                await tloop.create_future()
+        return task.cancelling()
+
+    t = tloop.create_task(main())
+    assert tloop.run_until_complete(t) == 0
+    assert not t.cancelled()
+
+
+def test_wait_for_times_out_and_cancels_the_task(tloop, task_kind):
+    async def main():
+        inner = asyncio.create_task(wait_on(tloop.create_future()))
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(inner, 0.001)
+        return type(inner) is task_class(task_kind), inner.cancelled()
+
+    assert run(tloop, main()) == (True, True)
+
+
+def test_wait_for_result(tloop):
+    async def main():
+        return await asyncio.wait_for(value("r"), 5)
+
+    assert run(tloop, main()) == "r"
+
+
+def test_ensure_future_keeps_the_task(tloop, task_kind):
+    async def main():
+        t = asyncio.create_task(value(1))
+        return asyncio.ensure_future(t) is t, await t
+
+    assert run(tloop, main()) == (True, 1)
+
+
+# -- eager tasks (3.12+) --------------------------------------------------------------------
+
+
+def _eager_factory(task_kind):
+    if task_kind == "asyncio":
+        return asyncio.eager_task_factory
+    return asyncio.create_eager_task_factory(import_ferroloop().Task)
+
+
+@needs_312
+def test_eager_task_factory(loop, task_kind):
+    loop.set_task_factory(_eager_factory(task_kind))
+    events = []
+
+    async def immediate():
+        events.append("immediate ran")
+        return "i"
+
+    async def suspends():
+        events.append("suspends ran")
+        await asyncio.sleep(0)
+        events.append("suspends resumed")
+        return "s"
+
+    async def main():
+        a = asyncio.create_task(immediate())
+        events.append(("a created", a.done()))
+        b = asyncio.create_task(suspends())
+        events.append(("b created", b.done(), b in asyncio.all_tasks()))
+        return type(a) is task_class(task_kind), a.result(), await b
+
+    assert loop.run_until_complete(main()) == (True, "i", "s")
+    assert events == [
+        "immediate ran",
+        ("a created", True),
+        "suspends ran",
+        ("b created", False, True),
+        "suspends resumed",
+    ]
+
+
+@needs_312
+def test_eager_start_argument(loop, task_kind):
+    cls = task_class(task_kind)
+    events = []
+
+    async def body():
+        events.append(("ran", asyncio.current_task() is not None))
+        return 5
+
+    async def main():
+        t = cls(body(), loop=loop, eager_start=True)
+        events.append(("created", t.done()))
+        lazy = cls(body(), loop=loop, eager_start=False)
+        events.append(("lazy created", lazy.done()))
+        return await t + await lazy
+
+    assert loop.run_until_complete(main()) == 10
+    assert events == [
+        ("ran", True),
+        ("created", True),
+        ("lazy created", False),
+        ("ran", True),
+    ]
+
+
+@needs_312
+def test_eager_start_outside_a_running_loop_is_lazy(loop, task_kind):
+    events = []
+
+    async def body():
+        events.append("ran")
+        return 1
+
+    t = task_class(task_kind)(body(), loop=loop, eager_start=True)
+    assert events == []
+    assert loop.run_until_complete(t) == 1
+    assert events == ["ran"]
