@@ -1,0 +1,720 @@
+"""ferroloop's task functions (``wait``, ``gather``, ``shield``, ``as_completed``,
+``wait_for``) against the running Python's asyncio functions.
+
+Every test runs on both loops (``loop``) x both task kinds (``task_kind``: the loop's
+default asyncio.Task or ``ferroloop.task_factory``) x both function sets (``fn_kind``:
+"asyncio", the oracle, or "ferroloop"). The expected values hold on asyncio; where they
+differ between Python versions, the test runs the same scenario with asyncio's functions on
+the same loop and compares.
+"""
+
+import asyncio
+import sys
+import types
+
+import pytest
+from parity_helpers import SKIP_NATIVE, import_ferroloop, new_loop, run, run_briefly, turns
+
+KINDS = ["asyncio"] if SKIP_NATIVE else ["asyncio", "ferroloop"]
+
+
+@pytest.fixture(params=KINDS)
+def task_kind(request):
+    """Which Task the loop's create_task makes: "asyncio" or "ferroloop"."""
+    return request.param
+
+
+@pytest.fixture
+def tloop(loop, task_kind):
+    """The ``loop`` fixture, its task factory set to ferroloop's for the "ferroloop" kind."""
+    if task_kind == "ferroloop":
+        loop.set_task_factory(import_ferroloop().task_factory)
+    return loop
+
+
+@pytest.fixture(params=KINDS)
+def fn_kind(request):
+    return request.param
+
+
+def functions(kind):
+    """A namespace with wait, gather, shield, as_completed and wait_for of one kind."""
+    mod = asyncio if kind == "asyncio" else import_ferroloop()
+    return types.SimpleNamespace(
+        wait=mod.wait,
+        gather=mod.gather,
+        shield=mod.shield,
+        as_completed=mod.as_completed,
+        wait_for=mod.wait_for,
+    )
+
+
+@pytest.fixture
+def F(fn_kind):
+    """The task functions under test."""
+    return functions(fn_kind)
+
+
+ORACLE = functions("asyncio")
+
+
+async def value(v, n=1):
+    """Return ``v`` after ``n`` loop turns."""
+    await turns(n)
+    return v
+
+
+async def fail(exc, n=1):
+    await turns(n)
+    raise exc
+
+
+async def wait_on(fut):
+    return await fut
+
+
+async def cancel_and_wait(*futs):
+    for f in futs:
+        f.cancel()
+    await asyncio.gather(*futs, return_exceptions=True)
+
+
+def every_kind_of_future(lp, coro_fn):
+    """An asyncio Future, an asyncio.Task, a ferroloop.Task and a loop.create_task() task,
+    each completing with ``coro_fn(i)``'s outcome (the Future through a call_soon)."""
+    fut = lp.create_future()
+
+    async def set_later():
+        try:
+            fut.set_result(await coro_fn(0))
+        except Exception as e:  # noqa: BLE001 - handed to the future
+            fut.set_exception(e)
+
+    helper = asyncio.Task(set_later(), loop=lp)
+    futs = [fut, asyncio.Task(coro_fn(1), loop=lp), lp.create_task(coro_fn(2))]
+    if not SKIP_NATIVE:
+        futs.append(import_ferroloop().Task(coro_fn(3), loop=lp))
+    return futs, helper
+
+
+def error_of(fn):
+    """(type, message) of what ``fn()`` raises, or None."""
+    try:
+        fn()
+    except BaseException as e:  # noqa: BLE001 - we compare whatever it is
+        return type(e), str(e)
+    return None
+
+
+async def aerror_of(awaitable):
+    try:
+        await awaitable
+    except BaseException as e:  # noqa: BLE001
+        return type(e), str(e)
+    return None
+
+
+# -- wait -----------------------------------------------------------------------------------
+
+
+def test_wait_all_completed_with_every_kind_of_future(tloop, F):
+    async def main():
+        futs, helper = every_kind_of_future(tloop, lambda i: value(i, i))
+        done, pending = await F.wait(futs)
+        await helper
+        return done == set(futs), pending, sorted(f.result() for f in done)
+
+    assert run(tloop, main()) == (True, set(), list(range(4 if not SKIP_NATIVE else 3)))
+
+
+def test_wait_first_completed(tloop, F):
+    async def main():
+        f1, f2, f3 = (tloop.create_future() for _ in range(3))
+        t = tloop.create_task(wait_on(f3))
+        tloop.call_soon(f2.set_result, "two")
+        done, pending = await F.wait([f1, f2, t], return_when=asyncio.FIRST_COMPLETED)
+        result = done == {f2}, pending == {f1, t}, f1.cancelled(), t.cancelled()
+        await cancel_and_wait(t, f1)
+        return result
+
+    assert run(tloop, main()) == (True, True, False, False)
+
+
+def test_wait_first_exception(tloop, F):
+    async def main():
+        ok = tloop.create_task(value("ok", 1))
+        bad = tloop.create_task(fail(ValueError("bad"), 3))
+        forever = tloop.create_task(wait_on(tloop.create_future()))
+        done, pending = await F.wait({ok, bad, forever}, return_when=asyncio.FIRST_EXCEPTION)
+        result = done == {ok, bad}, pending == {forever}, type(bad.exception())
+        await cancel_and_wait(forever)
+        return result
+
+    assert run(tloop, main()) == (True, True, ValueError)
+
+
+def test_wait_first_exception_without_exception_waits_for_all(tloop, F):
+    async def main():
+        tasks = [tloop.create_task(value(i, i)) for i in range(3)]
+        done, pending = await F.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        return done == set(tasks), pending
+
+    assert run(tloop, main()) == (True, set())
+
+
+def test_wait_first_exception_does_not_count_a_cancelled_future(tloop, F):
+    async def main():
+        victim = tloop.create_task(wait_on(tloop.create_future()))
+        last = tloop.create_future()
+
+        async def finish_later():
+            await turns(5)
+            last.set_result("last")
+
+        helper = tloop.create_task(finish_later())
+        tloop.call_soon(victim.cancel)
+        done, pending = await F.wait([victim, last], return_when=asyncio.FIRST_EXCEPTION)
+        await helper
+        return done == {victim, last}, pending
+
+    assert run(tloop, main()) == (True, set())
+
+
+def test_wait_timeout_cancels_nothing(tloop, F):
+    async def main():
+        gate = tloop.create_future()
+        quick = tloop.create_task(value("quick", 1))
+        slow = tloop.create_task(wait_on(gate))
+        done, pending = await F.wait([quick, slow], timeout=0.01)
+        result = done == {quick}, pending == {slow}, slow.cancelled(), slow.done()
+        gate.set_result("late")
+        return result, await slow
+
+    assert run(tloop, main()) == ((True, True, False, False), "late")
+
+
+def test_wait_timeout_nothing_done(tloop, F):
+    async def main():
+        fut = tloop.create_future()
+        done, pending = await F.wait({fut}, timeout=0)
+        result = done, pending == {fut}, fut.cancelled()
+        fut.cancel()
+        return result
+
+    assert run(tloop, main()) == (set(), True, False)
+
+
+def test_wait_on_already_done_futures(tloop, F):
+    async def main():
+        a = tloop.create_future()
+        a.set_result(1)
+        t = tloop.create_task(value(2, 0))
+        await t
+        done, pending = await F.wait([a, t, a], return_when=asyncio.FIRST_COMPLETED)
+        return done == {a, t}, pending
+
+    assert run(tloop, main()) == (True, set())
+
+
+def test_wait_removes_its_callbacks(tloop, F):
+    async def main():
+        pending_fut = tloop.create_future()
+        pending_task = tloop.create_task(wait_on(tloop.create_future()))
+        await asyncio.sleep(0)
+        before = len(pending_task._callbacks or ())
+        quick = tloop.create_task(value(1))
+        await F.wait([pending_fut, pending_task, quick], return_when=asyncio.FIRST_COMPLETED)
+        result = len(pending_fut._callbacks or ()), len(pending_task._callbacks or ()) - before
+        pending_fut.cancel()
+        await cancel_and_wait(pending_task)
+        return result
+
+    assert run(tloop, main()) == (0, 0)
+
+
+def test_cancelling_wait_does_not_cancel_the_futures(tloop, F):
+    async def main():
+        fut = tloop.create_future()
+        t = tloop.create_task(wait_on(tloop.create_future()))
+        waiter = tloop.create_task(F.wait([fut, t]))
+        await turns(2)
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        result = waiter.cancelled(), fut.cancelled(), t.cancelled(), len(fut._callbacks or ())
+        fut.cancel()
+        await cancel_and_wait(t)
+        return result
+
+    assert run(tloop, main()) == (True, False, False, 0)
+
+
+def _wait_error_cases(lp):
+    fut = lp.create_future()
+    return {
+        "bare coroutine": lambda: value(1),
+        "list of coroutines": lambda: [value(1)],
+        "empty": lambda: set(),
+        "a future as fs": lambda: fut,
+        "bad return_when": lambda: ("bogus", [fut]),
+        "bad return_when on empty": lambda: ("bogus", []),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "bare coroutine",
+        "list of coroutines",
+        "empty",
+        "a future as fs",
+        "bad return_when",
+        "bad return_when on empty",
+    ],
+)
+def test_wait_errors_match_asyncio(tloop, F, case):
+    async def attempt(fns):
+        arg = _wait_error_cases(tloop)[case]()
+        kwargs = {}
+        if isinstance(arg, tuple):
+            kwargs["return_when"], arg = arg
+        try:
+            return await aerror_of(fns.wait(arg, **kwargs))
+        finally:
+            for c in arg if isinstance(arg, list) else [arg]:
+                if asyncio.iscoroutine(c):
+                    c.close()
+
+    got = run(tloop, attempt(F))
+    assert got is not None and got[0] in (TypeError, ValueError), got
+    assert got == run(tloop, attempt(ORACLE))
+
+
+def test_wait_callback_order_matches_asyncio(tloop, F):
+    async def scenario(fns):
+        events = []
+        a, b = tloop.create_future(), tloop.create_future()
+        a.add_done_callback(lambda _: events.append("a cb before"))
+        w = tloop.create_task(fns.wait([a, b], return_when=asyncio.FIRST_COMPLETED))
+        await asyncio.sleep(0)
+        a.add_done_callback(lambda _: events.append("a cb after"))
+        w.add_done_callback(lambda _: events.append("wait done"))
+        tloop.call_soon(events.append, "queued")
+        a.set_result(1)
+        tloop.call_soon(events.append, "queued after")
+        await w
+        events.append("awaited")
+        b.cancel()
+        return events
+
+    assert run(tloop, scenario(F)) == run(tloop, scenario(ORACLE))
+
+
+# -- gather ---------------------------------------------------------------------------------
+
+
+def test_gather_keeps_argument_order(tloop, F):
+    finished = []
+
+    async def v(x, n):
+        await turns(n)
+        finished.append(x)
+        return x
+
+    async def main():
+        return await F.gather(v("a", 3), v("b", 0), v("c", 1))
+
+    assert run(tloop, main()) == ["a", "b", "c"]
+    assert finished == ["b", "c", "a"]
+
+
+def test_gather_of_the_same_coroutine_twice(tloop, F):
+    starts = []
+
+    async def once():
+        starts.append(1)
+        await asyncio.sleep(0)
+        return "x"
+
+    async def main():
+        c = once()
+        return await F.gather(c, c, value("y"), c)
+
+    assert run(tloop, main()) == ["x", "x", "y", "x"]
+    assert starts == [1]
+
+
+def test_gather_of_the_same_future_and_task_twice(tloop, F):
+    async def main():
+        fut = tloop.create_future()
+        t = tloop.create_task(value("t"))
+        tloop.call_soon(fut.set_result, "f")
+        return await F.gather(fut, t, fut, t)
+
+    assert run(tloop, main()) == ["f", "t", "f", "t"]
+
+
+def test_gather_of_every_kind_of_future_and_a_coroutine(tloop, F):
+    async def main():
+        futs, helper = every_kind_of_future(tloop, lambda i: value(i, i))
+        results = await F.gather(*futs, value("coro", 2))
+        await helper
+        return results
+
+    expected = list(range(4 if not SKIP_NATIVE else 3)) + ["coro"]
+    assert run(tloop, main()) == expected
+
+
+def test_gather_returns_a_future(tloop, F):
+    async def main():
+        g = F.gather(value(1), value(2))
+        return asyncio.isfuture(g), g.get_loop() is tloop, g.done(), await g
+
+    assert run(tloop, main()) == (True, True, False, [1, 2])
+
+
+def test_gather_with_no_arguments(tloop, F):
+    async def main():
+        g = F.gather()
+        return asyncio.isfuture(g), g.get_loop() is tloop, g.done(), await g
+
+    assert run(tloop, main()) == (True, True, True, [])
+
+
+def test_gather_return_exceptions(tloop, F):
+    async def main():
+        exc = KeyError("k")
+        results = await F.gather(value(1), fail(exc), value(3, 3), return_exceptions=True)
+        return results[0], results[1] is exc, results[2]
+
+    assert run(tloop, main()) == (1, True, 3)
+
+
+def test_gather_child_raising_cancels_nothing_else(tloop, F):
+    async def main():
+        slow = tloop.create_task(value("slow", 5))
+        gate = tloop.create_future()
+        waiting = tloop.create_task(wait_on(gate))
+        g = F.gather(slow, fail(ValueError("first"), 1), waiting, fail(KeyError("second"), 2))
+        err = await aerror_of(g)
+        state = slow.done(), waiting.cancelled(), g.done(), g.cancelled()
+        assert g.cancel() is False  # done already: cancels nothing
+        gate.set_result("w")
+        return err, state, await slow, await waiting
+
+    assert run(tloop, main()) == (
+        (ValueError, "first"),
+        (False, False, True, False),
+        "slow",
+        "w",
+    )
+
+
+def test_cancelling_the_gather_cancels_the_children(tloop, F):
+    async def scenario(fns):
+        seen = []
+
+        async def child(i):
+            try:
+                await tloop.create_future()
+            except asyncio.CancelledError as e:
+                seen.append((i, e.args))
+                raise
+
+        gate = tloop.create_future()
+        children = [tloop.create_task(child(0)), child(1), gate]
+        g = fns.gather(*children)
+        await turns(2)
+        cancelled = g.cancel("stop it")
+        err = await aerror_of(g)
+        await turns(2)
+        return cancelled, err, g.cancelled(), gate.cancelled(), children[0].cancelled(), seen
+
+    got = run(tloop, scenario(F))
+    assert got[0] is True
+    assert got[1][0] is asyncio.CancelledError
+    assert got[3:5] == (True, True)  # got[2], the outer's cancelled(): False on 3.11-3.13
+    assert sorted(i for i, _ in got[5]) == [0, 1]
+    assert got == run(tloop, scenario(ORACLE))
+
+
+@pytest.mark.parametrize("return_exceptions", [False, True])
+def test_cancelling_the_gather_wins_over_return_exceptions(tloop, F, return_exceptions):
+    async def scenario(fns):
+        t = tloop.create_task(wait_on(tloop.create_future()))
+        g = fns.gather(t, value(1), return_exceptions=return_exceptions)
+        await asyncio.sleep(0)
+        g.cancel()
+        err = await aerror_of(g)
+        return err[0], g.cancelled(), t.cancelled()
+
+    got = run(tloop, scenario(F))
+    assert (got[0], got[2]) == (asyncio.CancelledError, True)
+    assert got == run(tloop, scenario(ORACLE))
+
+
+def test_gather_child_cancelled(tloop, F):
+    async def scenario(fns):
+        victim = tloop.create_task(wait_on(tloop.create_future()))
+        other = tloop.create_task(value("other", 3))
+        g = fns.gather(victim, other)
+        await asyncio.sleep(0)
+        victim.cancel("victim msg")
+        err = await aerror_of(g)
+        return err, g.cancelled(), other.cancelled(), await other
+
+    got = run(tloop, scenario(F))
+    assert got[0][0] is asyncio.CancelledError
+    assert got[1:] == (False, False, "other")  # the outer is not cancelled, just failed
+    assert got == run(tloop, scenario(ORACLE))
+
+
+def test_gather_child_cancelled_with_return_exceptions(tloop, F):
+    async def scenario(fns):
+        victim = tloop.create_task(wait_on(tloop.create_future()))
+        gate = tloop.create_future()
+        g = fns.gather(victim, value("v"), gate, return_exceptions=True)
+        await asyncio.sleep(0)
+        victim.cancel("victim msg")
+        gate.cancel()
+        results = await g
+        return [(type(r).__name__, r.args) if isinstance(r, BaseException) else r for r in results]
+
+    got = run(tloop, scenario(F))
+    assert [r[0] if isinstance(r, tuple) else r for r in got] == [
+        "CancelledError",
+        "v",
+        "CancelledError",
+    ]
+    assert got == run(tloop, scenario(ORACLE))
+
+
+def test_gather_of_done_futures(tloop, F):
+    async def main():
+        a, b = tloop.create_future(), tloop.create_future()
+        a.set_result(1)
+        b.set_exception(ValueError("b"))
+        return await F.gather(a, b, return_exceptions=True)
+
+    results = run(tloop, main())
+    assert results[0] == 1 and isinstance(results[1], ValueError)
+
+
+def test_gather_errors_match_asyncio(tloop, loop_kind, F):
+    other = new_loop(loop_kind)
+    try:
+
+        async def attempt(fns):
+            foreign = other.create_future()
+            mine = tloop.create_future()
+            return [
+                error_of(lambda: fns.gather(1)),
+                error_of(lambda: fns.gather(mine, foreign)),
+                error_of(lambda: fns.gather(mine, "not awaitable")),
+            ]
+
+        got = run(tloop, attempt(F))
+        assert [g and g[0] for g in got] == [TypeError, ValueError, TypeError]
+        assert got == run(tloop, attempt(ORACLE))
+    finally:
+        other.close()
+
+
+def test_gather_callback_order_matches_asyncio(tloop, F):
+    async def scenario(fns):
+        events = []
+        a, b = tloop.create_future(), tloop.create_future()
+        a.add_done_callback(lambda _: events.append("a cb before"))
+        g = fns.gather(a, b)
+        a.add_done_callback(lambda _: events.append("a cb after"))
+        g.add_done_callback(lambda _: events.append("gather cb"))
+        b.add_done_callback(lambda _: events.append("b cb after"))
+        tloop.call_soon(events.append, "queued")
+        a.set_result(1)
+        b.set_result(2)
+        tloop.call_soon(events.append, "queued after")
+        events.append(("result", await g))
+        return events
+
+    got = run(tloop, scenario(F))
+    assert got == run(tloop, scenario(ORACLE))
+
+
+def test_gather_outer_is_freed_after_use(tloop, F):
+    import gc
+    import weakref
+
+    async def main():
+        g = F.gather(value(1), tloop.create_task(value(2)))
+        ref = weakref.ref(g)
+        result = await g
+        del g
+        return result, ref
+
+    gc.collect()
+    gc.disable()
+    try:
+        result, ref = run(tloop, main())
+        assert result == [1, 2]
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+# -- shield ---------------------------------------------------------------------------------
+
+
+def test_shield_outer_cancel_leaves_the_inner_running(tloop, F):
+    async def main():
+        gate = tloop.create_future()
+        inner = tloop.create_task(wait_on(gate))
+        outer = F.shield(inner)
+        assert outer is not inner
+        await asyncio.sleep(0)
+        assert outer.cancel() is True
+        err = await aerror_of(outer)
+        state = outer.cancelled(), inner.cancelled(), inner.done()
+        gate.set_result("inner result")
+        return err[0], state, await inner
+
+    assert run(tloop, main()) == (
+        asyncio.CancelledError,
+        (True, False, False),
+        "inner result",
+    )
+
+
+def test_shield_protects_a_task_being_cancelled(tloop, F):
+    async def main():
+        gate = tloop.create_future()
+        inner = tloop.create_task(wait_on(gate))
+
+        async def guarded():
+            return await F.shield(inner)
+
+        g = tloop.create_task(guarded())
+        await turns(2)
+        g.cancel()
+        err = await aerror_of(g)
+        gate.set_result(5)
+        return err[0], g.cancelled(), await inner
+
+    assert run(tloop, main()) == (asyncio.CancelledError, True, 5)
+
+
+def test_shield_propagates_result_and_exception(tloop, F):
+    async def main():
+        r = await F.shield(value("r", 2))
+        e = await aerror_of(F.shield(fail(KeyError("k"), 2)))
+        t = tloop.create_task(value("t"))
+        return r, e, await F.shield(t)
+
+    assert run(tloop, main()) == ("r", (KeyError, "'k'"), "t")
+
+
+def test_shield_of_a_cancelled_inner_is_cancelled(tloop, F):
+    async def main():
+        inner = tloop.create_task(wait_on(tloop.create_future()))
+        outer = F.shield(inner)
+        await asyncio.sleep(0)
+        inner.cancel()
+        err = await aerror_of(outer)
+        return err[0], outer.cancelled(), inner.cancelled()
+
+    assert run(tloop, main()) == (asyncio.CancelledError, True, True)
+
+
+def test_shield_of_a_done_future_is_the_future(tloop, F):
+    async def main():
+        fut = tloop.create_future()
+        fut.set_result(1)
+        t = tloop.create_task(value(2))
+        await t
+        return F.shield(fut) is fut, F.shield(t) is t
+
+    assert run(tloop, main()) == (True, True)
+
+
+def test_shield_of_a_pending_future_outside_the_loop(tloop, F):
+    fut = tloop.create_future()
+    outer = F.shield(fut)
+    assert outer is not fut
+    assert asyncio.isfuture(outer) and outer.get_loop() is tloop
+    fut.set_result("x")
+    run_briefly(tloop, 2)
+    assert outer.result() == "x"
+
+
+def test_shield_errors_match_asyncio(tloop, F):
+    async def attempt(fns):
+        return error_of(lambda: fns.shield(42))
+
+    got = run(tloop, attempt(F))
+    assert got is not None and got[0] is TypeError
+    assert got == run(tloop, attempt(ORACLE))
+
+
+# -- as_completed, wait_for ------------------------------------------------------------------
+
+
+def test_as_completed_in_completion_order(tloop, F):
+    async def main():
+        order = []
+        aws = [tloop.create_task(value("slow", 4)), value("fast", 0), value("mid", 2)]
+        for nxt in F.as_completed(aws):
+            order.append(await nxt)
+        return order
+
+    assert run(tloop, main()) == ["fast", "mid", "slow"]
+
+
+def test_as_completed_timeout(tloop, F):
+    async def main():
+        gate = tloop.create_future()
+        it = F.as_completed([gate], timeout=0.001)
+        err = await aerror_of(next(iter(it)))
+        result = err[0], gate.cancelled()
+        gate.cancel()
+        return result
+
+    assert run(tloop, main()) == (asyncio.TimeoutError, False)
+
+
+def test_wait_for_result_and_timeout(tloop, F):
+    async def main():
+        r = await F.wait_for(value("r"), 5)
+        inner = tloop.create_task(wait_on(tloop.create_future()))
+        err = await aerror_of(F.wait_for(inner, 0.001))
+        n = await F.wait_for(value("n"), None)
+        return r, err[0], inner.cancelled(), n
+
+    assert run(tloop, main()) == ("r", asyncio.TimeoutError, True, "n")
+
+
+# -- any loop, any runner -------------------------------------------------------------------
+
+
+def test_functions_under_asyncio_run(asyncio_state, task_kind, F):
+    """asyncio.run's own loop (asyncio's), ferroloop's functions and tasks."""
+
+    async def main():
+        if task_kind == "ferroloop":
+            asyncio.get_running_loop().set_task_factory(import_ferroloop().task_factory)
+        a = asyncio.create_task(value("a"))
+        done, _ = await F.wait([a])
+        g = await F.gather(a, value("b"))
+        s = await F.shield(value("c"))
+        return [t.result() for t in done], g, s
+
+    assert asyncio.run(main()) == (["a"], ["a", "b"], "c")
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="TaskGroup is 3.11+")
+def test_functions_inside_a_task_group(tloop, F):
+    async def main():
+        async with asyncio.TaskGroup() as tg:
+            a = tg.create_task(value(1))
+            b = tg.create_task(value(2, 2))
+            g = tg.create_task(wait_on(F.gather(a, b)))
+        return g.result()
+
+    assert run(tloop, main()) == [1, 2]
