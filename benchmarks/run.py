@@ -334,8 +334,18 @@ def machine_info():
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             versions[dist] = "not installed"
+    try:  # which ferroloop source was measured (the tree may hold uncommitted work)
+        commit = subprocess.run(
+            ["git", "-C", str(HERE), "describe", "--always", "--dirty", "--exclude", "*"],
+            check=False,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        commit = ""
     return {
         "date": date,
+        "ferroloop_commit": commit or "unknown",
         "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cpu": cpu,
         "memory_gib": mem_gib,
@@ -403,7 +413,7 @@ def task_markdown(report, loops, unavailable):
         "",
         f"- Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory_gib']} GiB memory, {m['os']}",
         f"- Python: {m['python']}",
-        f"- Packages: {pkgs}",
+        f"- Packages: {pkgs}; ferroloop source at `{m.get('ferroloop_commit', 'unknown')}`",
         (
             f"- Load average (1, 5, 15 min) at start {m['load_average']}, "
             f"at end {report['load_average']['end']} (other work shares this machine)"
