@@ -310,6 +310,25 @@ class TaskImpl:
             self.desc = "ferroloop.Task"
         self.missing = [name for name in TASK_FUNCTIONS if name not in self.functions]
 
+    def check(self, new_loop):
+        """A variant that silently ran on another Task would pass for nothing: make sure a
+        target loop's create_task gives this Task."""
+        loop = new_loop()
+        try:
+
+            async def nothing():
+                pass
+
+            task = loop.create_task(nothing())
+            loop.run_until_complete(task)
+        finally:
+            loop.close()
+        if type(task) is not self.Task:
+            raise SystemExit(
+                f"conformance child: a target loop's create_task made {type(task).__qualname__},"
+                f" not {self.Task.__qualname__}: the variant would test the wrong Task"
+            )
+
 
 def install_ferrotask(loop_kind, tracker):
     """Every target loop gets the variant's task factory; asyncio's task functions (in
@@ -641,6 +660,7 @@ def main():
             raise SystemExit(f"conformance child: unknown variant [{tag}]")
         install, _ = VARIANTS[tag]
         impl = install(args.loop, tracker)
+        impl.check(new_loop)
         desc += f", [{tag}]: {impl.desc}"
         if impl.missing:
             desc += f" (asyncio's own {', '.join(impl.missing)}: not in ferroloop)"
