@@ -46,6 +46,8 @@ pub struct EventLoop {
     closed: bool,
     thread_id: Option<Py<PyAny>>,
     debug: bool,
+    /// `loop.create_task` without a task factory makes ferroloop Tasks (else asyncio's).
+    native_tasks: bool,
     slow_callback_duration: f64,
     clock_resolution: f64,
     reactor: Reactor<Py<Handle>>,
@@ -508,6 +510,7 @@ impl EventLoop {
             closed: false,
             thread_id: None,
             debug: false,
+            native_tasks: false,
             slow_callback_duration: 0.1,
             clock_resolution: monotonic_resolution(),
             reactor: Reactor::new().map_err(os_error)?,
@@ -543,21 +546,21 @@ impl EventLoop {
         context: Option<Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
-        let debug = {
+        let (debug, native_tasks) = {
             let s = slf.borrow();
             s.check_closed()?;
-            s.debug
+            (s.debug, s.native_tasks)
         };
+        let factory = slf.getattr(intern!(py, "_task_factory"))?;
+        if (native_tasks && factory.is_none()) || (!debug && task::is_native_factory(&factory)) {
+            // ferroloop's Task, made here without calling out.
+            return Ok(task::new_task(py, coro, slf.clone().into_any(), name, context)?.into_any());
+        }
         let kwargs = pyo3::types::PyDict::new(py);
         kwargs.set_item(intern!(py, "name"), &name)?;
         // Only when given: Python 3.10's Task and create_task have no `context`.
         if let Some(context) = &context {
             kwargs.set_item(intern!(py, "context"), context)?;
-        }
-        let factory = slf.getattr(intern!(py, "_task_factory"))?;
-        if !debug && task::is_native_factory(&factory) {
-            // ferroloop's own task factory: make the native Task without calling out.
-            return Ok(task::new_task(py, coro, slf.clone().into_any(), name, context)?.into_any());
         }
         if debug || !factory.is_none() {
             return py::base_create_task(py)?.call((slf, coro), Some(&kwargs));
@@ -704,6 +707,18 @@ impl EventLoop {
     fn set_debug(&mut self, value: &Bound<'_, PyAny>) -> PyResult<()> {
         self.debug = value.is_truthy()?;
         Ok(())
+    }
+
+    /// Whether `create_task` without a task factory makes ferroloop Tasks (True) or
+    /// asyncio's (False). A task factory set with `set_task_factory` always wins.
+    #[getter]
+    fn native_tasks(&self) -> bool {
+        self.native_tasks
+    }
+
+    #[setter]
+    fn set_native_tasks(&mut self, value: bool) {
+        self.native_tasks = value;
     }
 
     #[getter]

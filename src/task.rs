@@ -1663,6 +1663,12 @@ impl TaskStep {
             slf.as_ptr() as usize
         )
     }
+
+    /// The task, as a bound method's `__self__` (debug reports name the task by it).
+    #[getter]
+    fn __self__(&self, py: Python<'_>) -> Option<Py<Task>> {
+        self.task.as_ref().map(|t| t.clone_ref(py))
+    }
 }
 
 static TASK_FACTORY_FN: PyOnceLock<Py<PyAny>> = PyOnceLock::new();

@@ -16,7 +16,11 @@ import asyncio as __asyncio
 from ._ferroloop import Handle, Task, TimerHandle, __version__, task_factory
 from .loop import Loop
 from .nested import allow_nested
+from .tasks import __all__ as _tasks_all
 from .tasks import as_completed, gather, shield, wait, wait_for
+
+if "eager_task_factory" in _tasks_all:
+    from .tasks import eager_task_factory  # noqa: F401 (3.12+)
 
 __all__ = (
     "EventLoopPolicy",

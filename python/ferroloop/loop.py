@@ -10,17 +10,19 @@ native reactor; the socket and datagram transports are asyncio's with a reused r
 """
 
 import ipaddress
+import os
 import selectors
 import socket
 import sys
 import threading
 import weakref
-from asyncio import base_events, events, unix_events
+from asyncio import base_events, events, tasks, unix_events
 
 from . import _compat, transports
 from . import nested as _nested
 from ._ferroloop import EventLoop as _NativeLoop
 from ._ferroloop import Handle as _NativeHandle
+from ._ferroloop import Task as _NativeTask
 
 
 def _is_numeric_host(host):
@@ -37,6 +39,31 @@ def _is_numeric_host(host):
 
 def _is_numeric_port(port):
     return port is None or type(port) is int or (isinstance(port, str) and port.isdigit())
+
+
+# What create_task makes on a ferroloop loop without a task factory: ferroloop's native
+# Task, or asyncio's (FERROLOOP_TASKS=asyncio, or Loop(native_tasks=False)).
+NATIVE_TASKS_DEFAULT = False
+
+
+def default_native_tasks():
+    """The ``native_tasks`` a new loop gets: ``FERROLOOP_TASKS`` ("native" or "asyncio")
+    if set, else ``NATIVE_TASKS_DEFAULT``."""
+    choice = os.environ.get("FERROLOOP_TASKS", "").strip().lower()
+    if choice == "native":
+        return True
+    if choice == "asyncio":
+        return False
+    return NATIVE_TASKS_DEFAULT
+
+
+def _format_handle(handle):
+    # asyncio's base_events._format_handle, knowing ferroloop's Task too: a task step is
+    # reported as its task.
+    task = getattr(handle._callback, "__self__", None)
+    if isinstance(task, (tasks.Task, _NativeTask)):
+        return repr(task)
+    return str(handle)
 
 
 class EpollReactor:
@@ -71,10 +98,11 @@ class Loop(_NativeLoop, unix_events.SelectorEventLoop, metaclass=_nested.LoopTyp
     # metaclass makes nest_asyncio's patch of the class work on the native core.
     _nested_runs = False
 
-    def __init__(self):
+    def __init__(self, *, native_tasks=None):
         # asyncio's own constructor chain sets every attribute its methods (and CPython's
         # tests) read, for this Python version; the native core owns the queues.
         super().__init__(selector=EpollReactor(self))
+        self.native_tasks = default_native_tasks() if native_tasks is None else native_tasks
 
     def _make_self_pipe(self):
         # asyncio's self-pipe carries signal numbers (signal.set_wakeup_fd); thread wake-ups
@@ -201,6 +229,4 @@ class Loop(_NativeLoop, unix_events.SelectorEventLoop, metaclass=_nested.LoopTyp
         self.call_exception_handler(context)
 
     def _log_slow_callback(self, handle, dt):
-        base_events.logger.warning(
-            "Executing %s took %.3f seconds", base_events._format_handle(handle), dt
-        )
+        base_events.logger.warning("Executing %s took %.3f seconds", _format_handle(handle), dt)

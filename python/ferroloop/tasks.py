@@ -16,6 +16,12 @@ from ._compat import TASK_COMPAT
 
 __all__ = ("as_completed", "gather", "shield", "wait", "wait_for")
 
+if TASK_COMPAT.HAS_EAGER_START:
+    # 3.12+: asyncio.eager_task_factory with ferroloop's Task (a coroutine's first step runs
+    # at once, in create_task).
+    eager_task_factory = tasks.create_eager_task_factory(_ferroloop.Task)
+    __all__ += ("eager_task_factory",)
+
 
 async def wait(fs, *, timeout=None, return_when=ALL_COMPLETED):
     """Wait for the Futures or Tasks in ``fs`` to complete; return ``(done, pending)``.
