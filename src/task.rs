@@ -1618,13 +1618,27 @@ impl TaskWakeup {
         }
     }
 
-    /// As C's wrapper: a plain object repr (a task's repr shows its waiter's callbacks,
-    /// so naming the task here would recurse).
+    /// As asyncio's bound `task_wakeup` method, whose repr names no task repr (a task's
+    /// repr shows its waiter's callbacks, so naming the task here would recurse).
     fn __repr__(slf: &Bound<'_, Self>) -> String {
         format!(
-            "<TaskWakeupMethWrapper object at {:#x}>",
-            slf.as_ptr() as usize
+            "<built-in method task_wakeup of Task object at {:#x}>",
+            slf.borrow()
+                .task
+                .as_ref()
+                .map_or(0, |t| t.as_ptr() as usize)
         )
+    }
+
+    /// As asyncio's bound `task_wakeup` method: future reprs show `cb=[Task.task_wakeup()]`.
+    #[getter]
+    fn __qualname__(&self) -> &'static str {
+        "Task.task_wakeup"
+    }
+
+    #[getter]
+    fn __self__(&self, py: Python<'_>) -> Option<Py<Task>> {
+        self.task.as_ref().map(|t| t.clone_ref(py))
     }
 }
 
