@@ -991,17 +991,28 @@ static BASE_DEALLOC: std::sync::OnceLock<ffi::destructor> = std::sync::OnceLock:
 unsafe extern "C" fn task_tp_finalize(obj: *mut ffi::PyObject) {
     // SAFETY: CPython calls tp_finalize with the GIL held and `obj` alive.
     let py = unsafe { Python::assume_attached() };
-    let saved = PyErr::take(py);
     // SAFETY: `obj` is a live object of (a subclass of) Task, borrowed for this call.
     let any = unsafe { Bound::from_borrowed_ptr(py, obj) };
-    if let Ok(task) = any.cast::<Task>() {
-        if let Err(e) = finalize(task) {
-            e.write_unraisable(py, Some(&any));
-        }
+    let Ok(task) = any.cast::<Task>() else {
+        return;
+    };
+    if !has_report(task) {
+        return; // the common case: nothing to log, so no error state to save
+    }
+    let saved = PyErr::take(py);
+    if let Err(e) = finalize(task) {
+        e.write_unraisable(py, Some(&any));
     }
     if let Some(e) = saved {
         e.restore(py);
     }
+}
+
+/// Will the finalizer log anything (a pending task, or an exception never retrieved)?
+fn has_report(task: &Bound<'_, Task>) -> bool {
+    task.try_borrow().is_ok_and(|t| {
+        (t.state == State::Pending && t.log_destroy_pending) || t.log_traceback
+    })
 }
 
 /// `tp_dealloc`: run the finalizer first (PyO3's own dealloc does not), as C types do.
