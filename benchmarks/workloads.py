@@ -375,8 +375,10 @@ def main(argv):
     API = load_task_api(name)
     workload, _, _, metric = ROWS[row]
     loop = factory()
-    # Explicitly, also None: the "ferroloop" column is asyncio's Task on ferroloop's loop even
-    # if ferroloop loops come to default to ferroloop.Task.
+    # Explicitly, also None: the "ferroloop" column is asyncio's Task on ferroloop's loop
+    # whatever ferroloop's default (Loop.native_tasks, FERROLOOP_TASKS) is.
+    if API.task_factory is None and hasattr(loop, "native_tasks"):
+        loop.native_tasks = False
     loop.set_task_factory(API.task_factory)
     asyncio.set_event_loop(loop)
     try:
