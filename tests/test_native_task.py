@@ -8,6 +8,7 @@ failing only for the "ferroloop" kind is a parity bug in ferroloop.Task.
 """
 
 import asyncio
+import collections.abc
 import contextvars
 import gc
 import io
@@ -735,15 +736,8 @@ def test_repr_shapes(tloop):
     ), repr(c)
 
 
-def test_repr_wait_for_is_asyncio_s(request, tloop, task_kind):
+def test_repr_wait_for_is_asyncio_s(tloop):
     """The wait_for= part names the awaited future exactly as for an asyncio.Task."""
-    xfail_for_ferroloop(
-        request,
-        task_kind,
-        "the awaited Future's repr shows ferroloop's wakeup callback as "
-        "'cb=[<TaskWakeupMethWrapper object at 0x...>()]' where asyncio.Task shows "
-        "'cb=[Task.task_wakeup()]'",
-    )
     fut = tloop.create_future()
     fut2 = tloop.create_future()
     oracle = asyncio.Task(wait_on(fut2), loop=tloop, name="same")
@@ -1103,3 +1097,476 @@ def test_eager_start_outside_a_running_loop_is_lazy(loop, task_kind):
     assert events == []
     assert loop.run_until_complete(t) == 1
     assert events == ["ran"]
+
+
+@needs_312
+def test_ferroloop_eager_task_factory(loop):
+    """ferroloop.eager_task_factory (3.12+) is asyncio.eager_task_factory for ferroloop.Task."""
+    ferroloop = import_ferroloop()
+    loop.set_task_factory(ferroloop.eager_task_factory)
+    events = []
+
+    async def body():
+        events.append("ran")
+        return 1
+
+    async def main():
+        t = asyncio.create_task(body(), name="eager")
+        events.append(("created", t.done(), type(t) is ferroloop.Task, t.get_name()))
+        return await t
+
+    assert loop.run_until_complete(main()) == 1
+    assert events == ["ran", ("created", True, True, "eager")]
+
+
+# -- interplay between the two kinds of task and other futures --------------------------------
+
+
+def test_tasks_of_both_kinds_await_each_other(tloop, task_kind):
+    other_cls = asyncio.Task if task_kind == "ferroloop" else task_class("ferroloop")
+
+    async def leaf(x):
+        await asyncio.sleep(0)
+        if x == "bad":
+            raise KeyError(x)
+        return x
+
+    async def main():
+        a = other_cls(leaf("a"), loop=tloop)
+        b = asyncio.create_task(wait_on(a))  # the kind under test awaits the other kind
+        c = other_cls(wait_on(b), loop=tloop)  # and the other kind awaits it
+        bad = asyncio.create_task(leaf("bad"))
+        err = await asyncio.gather(other_cls(wait_on(bad), loop=tloop), return_exceptions=True)
+        gate = tloop.create_future()
+        victim = asyncio.create_task(wait_on(gate))
+        watcher = other_cls(wait_on(victim), loop=tloop)
+        await asyncio.sleep(0)
+        watcher.cancel("from outside")
+        w = await asyncio.gather(watcher, return_exceptions=True)
+        return await c, type(err[0]), type(w[0]), victim.cancelled(), gate.cancelled()
+
+    assert run(tloop, main()) == ("a", KeyError, asyncio.CancelledError, True, True)
+
+
+def test_awaiting_pure_python_futures_and_tasks(tloop):
+    """asyncio's pure-Python Future and Task (asyncio.futures._PyFuture, tasks._PyTask)."""
+    py_future = asyncio.futures._PyFuture
+    py_task = asyncio.tasks._PyTask
+
+    async def main():
+        f1 = py_future(loop=tloop)
+        f2 = py_future(loop=tloop)
+        f3 = py_future(loop=tloop)
+        tloop.call_soon(f1.set_result, "f1")
+        tloop.call_soon(f2.set_exception, ValueError("f2"))
+        r1 = await f1
+        e2 = type((await asyncio.gather(f2, return_exceptions=True))[0])
+        t = asyncio.create_task(wait_on(f3))
+        await asyncio.sleep(0)
+        t.cancel()
+        c3 = f3.cancelled()
+        await asyncio.gather(t, return_exceptions=True)
+        mine = asyncio.create_task(value("mine"))
+        r4 = await py_task(wait_on(mine), loop=tloop)  # a pure-Python task awaits ours
+        return r1, e2, c3, t.cancelled(), r4
+
+    assert run(tloop, main()) == ("f1", ValueError, True, True, "mine")
+
+
+class CoroutineObject:
+    """A collections.abc.Coroutine that is not a native coroutine: returns after 2 sends."""
+
+    def __init__(self):
+        self.sends = 0
+
+    def send(self, value):
+        self.sends += 1
+        if self.sends > 2:
+            raise StopIteration("from send")
+
+    def throw(self, typ, val=None, tb=None):
+        raise typ if val is None else val
+
+    def close(self):
+        pass
+
+    def __await__(self):
+        return self
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.send(None)
+
+
+collections.abc.Coroutine.register(CoroutineObject)
+
+
+def test_non_native_coroutines(tloop):
+    import types as _types
+
+    @_types.coroutine
+    def generator_based():
+        yield
+        return "gen"
+
+    c = CoroutineObject()
+    t = tloop.create_task(c)
+    assert tloop.run_until_complete(t) == "from send"
+    assert c.sends == 3
+    assert "<CoroutineObject without __name__>()" in repr(t) or "CoroutineObject" in repr(t)
+    # A @types.coroutine generator: a coroutine for 3.11's asyncio, not for 3.12's.
+    try:
+        oracle = asyncio.Task(generator_based(), loop=tloop)
+    except TypeError as e:
+        with pytest.raises(TypeError) as info:
+            tloop.create_task(generator_based())
+        assert str(info.value).split(" at 0x")[0] == str(e).split(" at 0x")[0]
+    else:
+        g = tloop.create_task(generator_based())
+        assert tloop.run_until_complete(g) == tloop.run_until_complete(oracle) == "gen"
+
+
+def test_await_iterator_protocol(tloop):
+    fut = tloop.create_future()
+    t = tloop.create_task(wait_on(fut))
+    it = t.__await__()
+    assert next(it) is t  # a pending task yields itself to the awaiting task
+    assert t._asyncio_future_blocking is True
+    t._asyncio_future_blocking = False
+    fut.set_result("r")
+    tloop.run_until_complete(t)
+    with pytest.raises(StopIteration) as info:
+        it.send(None)
+    assert info.value.value == "r"
+    # A done task's iterator returns at once.
+    with pytest.raises(StopIteration) as info:
+        next(t.__await__())
+    assert info.value.value == "r"
+
+
+def test_await_a_task_of_another_loop(tloop, loop_kind, task_kind):
+    other = new_loop(loop_kind)
+    try:
+        if task_kind == "ferroloop":
+            other.set_task_factory(import_ferroloop().task_factory)
+        foreign = other.create_task(value(1))
+
+        async def body():
+            return await foreign
+
+        t = tloop.create_task(body())
+        with pytest.raises(RuntimeError, match=r"attached to a different loop$"):
+            tloop.run_until_complete(t)
+        assert other.run_until_complete(foreign) == 1
+    finally:
+        other.close()
+
+
+# -- cancellation corner cases (compared with asyncio.Task on the same loop) -----------------
+
+
+def _oracle(lp, scenario):
+    """Run ``scenario(make_task)`` with asyncio.Task: asyncio's answer on this Python."""
+    return scenario(lambda coro, **kw: asyncio.Task(coro, loop=lp, **kw))
+
+
+def test_cancel_self_then_return(tloop):
+    def scenario(make_task):
+        async def body():
+            asyncio.current_task().cancel("self")
+            return "returned"
+
+        t = make_task(body())
+        try:
+            tloop.run_until_complete(t)
+        except asyncio.CancelledError as e:
+            return "cancelled", e.args, t.cancelled(), t.cancelling()
+        return "result", t.result(), t.cancelling()
+
+    got = scenario(tloop.create_task)
+    assert got[0] == "cancelled" and got[2] is True
+    assert got == _oracle(tloop, scenario)
+
+
+def test_cancel_self_then_raise(tloop):
+    def scenario(make_task):
+        async def body():
+            asyncio.current_task().cancel()
+            raise ValueError("raised anyway")
+
+        t = make_task(body())
+        run_briefly(tloop, 2)
+        return t.cancelled(), type(t.exception()) if not t.cancelled() else None
+
+    assert scenario(tloop.create_task) == _oracle(tloop, scenario) == (False, ValueError)
+
+
+def test_cancel_self_then_await(tloop):
+    def scenario(make_task):
+        events = []
+
+        async def body():
+            asyncio.current_task().cancel("me")
+            events.append("still running")
+            try:
+                await asyncio.sleep(0)
+            except asyncio.CancelledError as e:
+                events.append(("cancelled at the await", e.args))
+                raise
+
+        t = make_task(body())
+        run_briefly(tloop, 3)
+        return events, t.cancelled()
+
+    assert scenario(tloop.create_task) == _oracle(tloop, scenario)
+    assert scenario(tloop.create_task) == (
+        ["still running", ("cancelled at the await", ("me",))],
+        True,
+    )
+
+
+def test_uncancel_before_the_first_step(tloop):
+    """3.13: uncancel() to zero withdraws the pending cancel request; 3.11/3.12: it does not."""
+
+    def scenario(make_task):
+        async def body():
+            await asyncio.sleep(0)
+            return "ran"
+
+        t = make_task(body())
+        t.cancel()
+        n = t.uncancel()
+        run_briefly(tloop, 3)
+        return n, t.cancelled(), None if t.cancelled() else t.result()
+
+    got = scenario(tloop.create_task)
+    assert got[0] == 0
+    assert got == _oracle(tloop, scenario)
+
+
+def test_cancel_when_the_awaited_future_refuses(tloop):
+    """The awaited future's cancel() returns False: the task is cancelled at its next step."""
+
+    class Stubborn(asyncio.futures._PyFuture):
+        def cancel(self, msg=None):
+            return False
+
+    def scenario(make_task):
+        events = []
+        fut = Stubborn(loop=tloop)
+
+        async def body():
+            try:
+                await fut
+            except asyncio.CancelledError as e:
+                events.append(("cancelled", e.args))
+                raise
+            return "not cancelled"
+
+        t = make_task(body())
+        run_briefly(tloop)
+        events.append(("cancel", t.cancel("stubborn")))
+        run_briefly(tloop)
+        events.append(("after a turn", t.done()))
+        fut.set_result("value")
+        run_briefly(tloop, 2)
+        events.append(("end", t.cancelled()))
+        return events
+
+    got = scenario(tloop.create_task)
+    assert got == [
+        ("cancel", True),
+        ("after a turn", False),
+        ("cancelled", ("stubborn",)),
+        ("end", True),
+    ]
+    assert got == _oracle(tloop, scenario)
+
+
+def test_cancelled_error_context_and_cause(tloop):
+    """What the CancelledError raised by awaiting a cancelled task carries."""
+
+    def scenario(make_task):
+        async def inner():
+            await tloop.create_future()
+
+        async def outer(t):
+            try:
+                await t
+            except asyncio.CancelledError as e:
+                return e.args, type(e.__context__).__name__, e.__cause__
+
+        t = make_task(inner())
+        o = make_task(outer(t))
+        run_briefly(tloop)
+        t.cancel("inner msg")
+        return tloop.run_until_complete(o)
+
+    got = scenario(tloop.create_task)
+    assert got == _oracle(tloop, scenario)
+
+
+def test_cancel_message_of_non_str(tloop):
+    marker = ("a", 1)
+
+    async def body():
+        await tloop.create_future()
+
+    t = tloop.create_task(body())
+    run_briefly(tloop)
+    t.cancel(marker)
+    with pytest.raises(asyncio.CancelledError) as info:
+        tloop.run_until_complete(t)
+    assert info.value.args == (marker,)
+
+
+def test_done_callback_added_inside_a_task_gets_the_task_context(tloop):
+    seen = []
+
+    async def body(other):
+        var.set("inside the task")
+        other.add_done_callback(lambda _: seen.append(var.get()))
+        await other
+
+    async def main():
+        other = asyncio.create_task(value(1))
+        await asyncio.create_task(body(other))
+        await asyncio.sleep(0)
+
+    run(tloop, main())
+    assert seen == ["inside the task"]
+
+
+def test_exception_in_a_done_callback_goes_to_the_handler(tloop):
+    contexts = _record_loop_errors(tloop)
+
+    def bad_callback(_):
+        raise ZeroDivisionError("in callback")
+
+    t = tloop.create_task(value(1))
+    t.add_done_callback(bad_callback)
+    t.add_done_callback(lambda _: contexts.append("next callback still runs"))
+    tloop.run_until_complete(t)
+    run_briefly(tloop)
+    assert len(contexts) == 2
+    assert contexts[0]["message"].startswith("Exception in callback ")
+    assert isinstance(contexts[0]["exception"], ZeroDivisionError)
+    assert contexts[1] == "next callback still runs"
+
+
+def test_debug_source_traceback(tloop):
+    tloop.set_debug(True)
+    t = tloop.create_task(value(1))
+    assert t._source_traceback, "debug mode records where the task was created"
+    assert " created at " in repr(t)
+    tloop.run_until_complete(t)
+    tloop.set_debug(False)
+    t2 = tloop.create_task(value(1))
+    assert not t2._source_traceback
+    tloop.run_until_complete(t2)
+
+
+def test_pending_tasks_cancelled_by_asyncio_run(asyncio_state, task_kind):
+    events = []
+
+    async def background():
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            events.append("background finally")
+
+    async def main():
+        if task_kind == "ferroloop":
+            asyncio.get_running_loop().set_task_factory(import_ferroloop().task_factory)
+        t = asyncio.create_task(background())
+        await asyncio.sleep(0)
+        events.append(type(t) is task_class(task_kind))
+        return "main"
+
+    assert asyncio.run(main()) == "main"
+    assert events == [True, "background finally"]
+
+
+@needs_311
+def test_nested_timeouts(tloop):
+    def scenario(make_task):
+        async def body():
+            events = []
+            try:
+                async with asyncio.timeout(0.001):
+                    try:
+                        async with asyncio.timeout(3600):
+                            await tloop.create_future()
+                    except TimeoutError:
+                        events.append("inner timeout (wrong)")
+                    except asyncio.CancelledError:
+                        events.append("inner saw cancel")
+                        raise
+            except TimeoutError:
+                events.append("outer timeout")
+            events.append(("cancelling", asyncio.current_task().cancelling()))
+            return events
+
+        return tloop.run_until_complete(make_task(body()))
+
+    got = scenario(tloop.create_task)
+    assert got == ["inner saw cancel", "outer timeout", ("cancelling", 0)]
+    assert got == _oracle(tloop, scenario)
+
+
+@needs_311
+def test_task_group_parent_cancelled_from_outside(tloop):
+    def scenario(make_task):
+        events = []
+
+        async def child():
+            try:
+                await tloop.create_future()
+            except asyncio.CancelledError:
+                events.append("child cancelled")
+                raise
+
+        async def parent():
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(child())
+                    await tloop.create_future()
+            except asyncio.CancelledError:
+                events.append(("parent cancelled", asyncio.current_task().cancelling()))
+                raise
+
+        p = make_task(parent())
+        run_briefly(tloop, 2)
+        p.cancel()
+        try:
+            tloop.run_until_complete(p)
+        except asyncio.CancelledError:
+            events.append("run_until_complete: cancelled")
+        return events
+
+    got = scenario(tloop.create_task)
+    assert got == _oracle(tloop, scenario)
+    assert got[-1] == "run_until_complete: cancelled"
+
+
+def test_run_coroutine_threadsafe(tloop, task_kind):
+    import threading
+
+    results = []
+
+    async def in_loop():
+        await asyncio.sleep(0)
+        return type(asyncio.current_task()) is task_class(task_kind)
+
+    def worker():
+        fut = asyncio.run_coroutine_threadsafe(in_loop(), tloop)
+        results.append(fut.result(timeout=5))
+        tloop.call_soon_threadsafe(tloop.stop)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    tloop.run_forever()
+    thread.join()
+    assert results == [True]
