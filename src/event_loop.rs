@@ -530,9 +530,7 @@ impl EventLoop {
     /// without its Python frame).
     fn create_future<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
-        let kwargs = pyo3::types::PyDict::new(py);
-        kwargs.set_item(intern!(py, "loop"), slf)?;
-        py::future_class(py)?.call((), Some(&kwargs))
+        py::call_kw(&py::future_class(py)?, &[], py::kw_loop(py)?, slf.as_any())
     }
 
     /// `loop.create_task(coro, *, name=None, context=None)`: asyncio's own Task. The plain

@@ -83,3 +83,74 @@ pub fn future_class(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
         pyo3::intern!(py, "Future"),
     )
 }
+
+/// `obj.name(*args, **{kwname: kwvalue})` through vectorcall: no keyword dict is built
+/// (asyncio's C methods take keywords as a vector, so a dict would be unpacked again).
+pub fn call_method_kw<'py>(
+    obj: &Bound<'py, PyAny>,
+    name: &Bound<'py, pyo3::types::PyString>,
+    args: &[&Bound<'py, PyAny>],
+    kwname: &Bound<'py, pyo3::types::PyTuple>,
+    kwvalue: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = obj.py();
+    let mut stack: Vec<*mut pyo3::ffi::PyObject> = Vec::with_capacity(args.len() + 2);
+    stack.push(obj.as_ptr());
+    stack.extend(args.iter().map(|a| a.as_ptr()));
+    stack.push(kwvalue.as_ptr());
+    // SAFETY: every pointer in `stack` is a live object borrowed for the call; `kwname` is
+    // a tuple of one str naming the last element; the result is a new reference or NULL.
+    unsafe {
+        let r = pyo3::ffi::PyObject_VectorcallMethod(
+            name.as_ptr(),
+            stack.as_ptr(),
+            args.len() + 1,
+            kwname.as_ptr(),
+        );
+        Bound::from_owned_ptr_or_err(py, r)
+    }
+}
+
+/// `callable(*args, **{kwname: kwvalue})` through vectorcall (see `call_method_kw`).
+pub fn call_kw<'py>(
+    callable: &Bound<'py, PyAny>,
+    args: &[&Bound<'py, PyAny>],
+    kwname: &Bound<'py, pyo3::types::PyTuple>,
+    kwvalue: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = callable.py();
+    let mut stack: Vec<*mut pyo3::ffi::PyObject> = Vec::with_capacity(args.len() + 1);
+    stack.extend(args.iter().map(|a| a.as_ptr()));
+    stack.push(kwvalue.as_ptr());
+    // SAFETY: as in call_method_kw.
+    unsafe {
+        let r = pyo3::ffi::PyObject_Vectorcall(
+            callable.as_ptr(),
+            stack.as_ptr(),
+            args.len(),
+            kwname.as_ptr(),
+        );
+        Bound::from_owned_ptr_or_err(py, r)
+    }
+}
+
+static KW_CONTEXT: PyOnceLock<Py<pyo3::types::PyTuple>> = PyOnceLock::new();
+static KW_LOOP: PyOnceLock<Py<pyo3::types::PyTuple>> = PyOnceLock::new();
+
+/// The keyword-name tuple `("context",)`.
+pub fn kw_context(py: Python<'_>) -> PyResult<&Bound<'_, pyo3::types::PyTuple>> {
+    KW_CONTEXT
+        .get_or_try_init(py, || {
+            Ok::<_, PyErr>(pyo3::types::PyTuple::new(py, ["context"])?.unbind())
+        })
+        .map(|t| t.bind(py))
+}
+
+/// The keyword-name tuple `("loop",)`.
+pub fn kw_loop(py: Python<'_>) -> PyResult<&Bound<'_, pyo3::types::PyTuple>> {
+    KW_LOOP
+        .get_or_try_init(py, || {
+            Ok::<_, PyErr>(pyo3::types::PyTuple::new(py, ["loop"])?.unbind())
+        })
+        .map(|t| t.bind(py))
+}

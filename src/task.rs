@@ -579,9 +579,14 @@ fn handle_yield(slf: &Bound<'_, Task>, result: Bound<'_, PyAny>) -> PyResult<()>
             result.setattr(intern!(py, "_asyncio_future_blocking"), false)?;
             let wakeup = wakeup_callable(slf)?;
             let ctx = slf.borrow().context.as_ref().map(|c| c.clone_ref(py));
-            let kwargs = PyDict::new(py);
-            kwargs.set_item(intern!(py, "context"), ctx)?;
-            result.call_method(intern!(py, "add_done_callback"), (wakeup,), Some(&kwargs))?;
+            let ctx = ctx.map_or_else(|| py.None().into_bound(py), |c| c.into_bound(py));
+            py::call_method_kw(
+                &result,
+                intern!(py, "add_done_callback"),
+                &[wakeup.as_any()],
+                py::kw_context(py)?,
+                &ctx,
+            )?;
             set_waiter(slf, result)
         }
         None if result.is_none() => schedule_step(slf, None),
@@ -647,9 +652,16 @@ fn cancel_future(fut: &Bound<'_, PyAny>, msg: Option<Py<PyAny>>) -> PyResult<boo
 /// asyncio's `futures._get_loop`.
 fn future_get_loop<'py>(fut: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
     let py = fut.py();
-    match fut.getattr_opt(intern!(py, "get_loop"))? {
-        Some(get_loop) => get_loop.call0(),
-        None => fut.getattr(intern!(py, "_loop")),
+    // A method call without a bound-method object; `_loop` for futures without get_loop.
+    match fut.call_method0(intern!(py, "get_loop")) {
+        Ok(l) => Ok(l),
+        Err(e) if e.is_instance_of::<pyo3::exceptions::PyAttributeError>(py) => {
+            match fut.getattr_opt(intern!(py, "get_loop"))? {
+                Some(_) => Err(e), // get_loop itself raised AttributeError
+                None => fut.getattr(intern!(py, "_loop")),
+            }
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -1010,9 +1022,8 @@ unsafe extern "C" fn task_tp_finalize(obj: *mut ffi::PyObject) {
 
 /// Will the finalizer log anything (a pending task, or an exception never retrieved)?
 fn has_report(task: &Bound<'_, Task>) -> bool {
-    task.try_borrow().is_ok_and(|t| {
-        (t.state == State::Pending && t.log_destroy_pending) || t.log_traceback
-    })
+    task.try_borrow()
+        .is_ok_and(|t| (t.state == State::Pending && t.log_destroy_pending) || t.log_traceback)
 }
 
 /// `tp_dealloc`: run the finalizer first (PyO3's own dealloc does not), as C types do.
