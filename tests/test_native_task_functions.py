@@ -718,3 +718,250 @@ def test_functions_inside_a_task_group(tloop, F):
         return g.result()
 
     assert run(tloop, main()) == [1, 2]
+
+
+# -- retrieval, logging, callbacks left behind ----------------------------------------------
+
+
+def _record_loop_errors(lp):
+    contexts = []
+    lp.set_exception_handler(lambda _loop, ctx: contexts.append(ctx))
+    return contexts
+
+
+def test_gather_marks_later_exceptions_retrieved(tloop, F):
+    import gc
+
+    contexts = _record_loop_errors(tloop)
+
+    async def main():
+        g = F.gather(fail(ValueError("first"), 1), fail(KeyError("second"), 3))
+        err = await aerror_of(g)
+        await turns(5)  # the second child fails after the outer is done
+        return err
+
+    assert run(tloop, main()) == (ValueError, "first")
+    gc.collect()
+    assert [c["message"] for c in contexts] == []
+
+
+def test_gather_cancelled_outer_marks_exceptions_retrieved(tloop, F):
+    import gc
+
+    contexts = _record_loop_errors(tloop)
+
+    async def stubborn():
+        try:
+            await tloop.create_future()
+        except asyncio.CancelledError:
+            raise ValueError("raised instead of being cancelled") from None
+
+    async def main():
+        g = F.gather(stubborn(), value(1, 5))
+        await asyncio.sleep(0)
+        g.cancel()
+        err = await aerror_of(g)
+        await turns(5)
+        return err[0]
+
+    got = run(tloop, main())
+    gc.collect()
+    assert [c["message"] for c in contexts] == []
+    assert got in (ValueError, asyncio.CancelledError)
+
+
+def test_gather_children_it_creates_do_not_log_destroy_pending(tloop, F):
+    import gc
+
+    contexts = _record_loop_errors(tloop)
+
+    async def main():
+        g = F.gather(wait_on(tloop.create_future()), wait_on(tloop.create_future()))
+        await turns(2)
+        return g
+
+    g = run(tloop, main())
+    assert not g.done()
+    del g
+    gc.collect()
+    assert [c["message"] for c in contexts] == []
+
+
+@pytest.mark.parametrize("inner_done_first", [False, True])
+def test_shield_cancelled_outer_and_inner_exception_logging(tloop, F, inner_done_first):
+    """Whether a failed inner's exception counts as retrieved, as with asyncio.shield."""
+    import gc
+
+    def scenario(fns):
+        contexts = _record_loop_errors(tloop)
+
+        async def main():
+            inner = tloop.create_task(fail(ValueError("inner"), 1))
+            outer = fns.shield(inner)
+            if inner_done_first:
+                await turns(2)  # inner fails; outer's callback is queued, not run
+                assert inner.done() and not outer.done()
+            outer.cancel()
+            err = await aerror_of(outer)
+            await turns(4)
+            return err[0]
+
+        got = run(tloop, main())
+        gc.collect()
+        return got, [c["message"] for c in contexts]
+
+    got = scenario(F)
+    assert got == scenario(ORACLE)
+
+
+def test_shield_removes_its_callback_when_the_outer_is_cancelled(tloop, F):
+    async def scenario(fns):
+        inner = tloop.create_future()
+        before = len(inner._callbacks or ())
+        outer = fns.shield(inner)
+        during = len(inner._callbacks or ())
+        outer.cancel()
+        await turns(2)
+        after = len(inner._callbacks or ())
+        inner.set_result(None)
+        return during - before, after - before
+
+    got = run(tloop, scenario(F))
+    assert got == (1, 0)
+    assert got == run(tloop, scenario(ORACLE))
+
+
+def test_shield_inner_task_callbacks(tloop, F):
+    async def scenario(fns):
+        inner = tloop.create_task(wait_on(tloop.create_future()))
+        await asyncio.sleep(0)
+        before = len(inner._callbacks or ())
+        outer = fns.shield(inner)
+        during = len(inner._callbacks or ())
+        outer.cancel()
+        await turns(2)
+        after = len(inner._callbacks or ())
+        await cancel_and_wait(inner)
+        return during - before, after - before, inner.cancelled()
+
+    got = run(tloop, scenario(F))
+    assert got == (1, 0, True)
+    assert got == run(tloop, scenario(ORACLE))
+
+
+# -- unusual arguments ----------------------------------------------------------------------
+
+
+class Awaitable:
+    """An awaitable that is neither a coroutine nor a future."""
+
+    def __init__(self, v):
+        self.v = v
+
+    def __await__(self):
+        yield from asyncio.sleep(0).__await__()
+        return self.v
+
+
+def test_gather_of_plain_awaitables(tloop, F):
+    async def main():
+        return await F.gather(Awaitable("x"), value("y"), Awaitable("z"))
+
+    assert run(tloop, main()) == ["x", "y", "z"]
+
+
+def test_shield_of_a_plain_awaitable(tloop, F):
+    async def main():
+        return await F.shield(Awaitable("s"))
+
+    assert run(tloop, main()) == "s"
+
+
+@pytest.mark.parametrize("what", ["int", "plain awaitable", "none"])
+def test_wait_on_non_futures_fails_as_asyncio(tloop, F, what):
+    async def attempt(fns):
+        fut = tloop.create_future()
+        odd = {"int": 1, "plain awaitable": Awaitable(1), "none": None}[what]
+        try:
+            return await aerror_of(fns.wait([fut, odd]))
+        finally:
+            fut.cancel()
+
+    got = run(tloop, attempt(F))
+    assert got is not None
+    assert got == run(tloop, attempt(ORACLE))
+
+
+def test_wait_accepts_any_iterable(tloop, F):
+    async def scenario(fns):
+        tasks = [tloop.create_task(value(i, i)) for i in range(3)]
+        await asyncio.gather(*tasks)
+        outcomes = []
+        for fs in (
+            {t: None for t in tasks},
+            tuple(tasks) + tuple(tasks),
+            frozenset(tasks),
+            (t for t in tasks),  # a generator: a coroutine for 3.11's asyncio.wait
+        ):
+            try:
+                done, pending = await fns.wait(fs)
+                outcomes.append((done == set(tasks), pending))
+            except TypeError as e:
+                outcomes.append(str(e))
+        return outcomes
+
+    got = run(tloop, scenario(F))
+    assert got[:3] == [(True, set())] * 3
+    assert got == run(tloop, scenario(ORACLE))
+
+
+def test_wait_negative_timeout(tloop, F):
+    async def main():
+        fut = tloop.create_future()
+        done, pending = await F.wait([fut], timeout=-1)
+        fut.cancel()
+        return done, len(pending)
+
+    assert run(tloop, main()) == (set(), 1)
+
+
+def test_gather_custom_base_exception(tloop, F):
+    class Custom(BaseException):
+        pass
+
+    async def main(return_exceptions):
+        g = F.gather(fail(Custom("c")), value(1), return_exceptions=return_exceptions)
+        if return_exceptions:
+            return [type(r) for r in await g]
+        return await aerror_of(g)
+
+    assert run(tloop, main(False)) == (Custom, "c")
+    assert run(tloop, main(True)) == [Custom, int]
+
+
+def test_gather_cancel_after_children_are_done(tloop, F):
+    """The children are done but their callbacks have not run: cancel() returns False."""
+
+    async def scenario(fns):
+        a, b = tloop.create_future(), tloop.create_future()
+        g = fns.gather(a, b)
+        a.set_result(1)
+        b.set_result(2)
+        cancelled = g.cancel()
+        res = await aerror_of(g)
+        return cancelled, res, g.cancelled(), None if g.cancelled() else g.exception()
+
+    got = run(tloop, scenario(F))
+    assert got == (False, None, False, None)
+    assert got == run(tloop, scenario(ORACLE))
+
+
+def test_gather_result_type_and_repr(tloop, F):
+    async def scenario(fns):
+        g = fns.gather(value(1))
+        r1 = repr(g)
+        await g
+        return type(g).__name__, r1, repr(g)
+
+    got = run(tloop, scenario(F))
+    assert got == run(tloop, scenario(ORACLE))
