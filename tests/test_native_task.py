@@ -1570,3 +1570,106 @@ def test_run_coroutine_threadsafe(tloop, task_kind):
     tloop.run_forever()
     thread.join()
     assert results == [True]
+
+
+# -- scheduling order: the same trace as asyncio.Task on the same loop -----------------------
+
+
+def _interleaving(lp, make_task):
+    """Tasks, call_soon callbacks, futures, done callbacks and cancellations interleaved;
+    the trace of what ran, in order, turn by turn (run_briefly: one loop iteration each)."""
+    trace = []
+    fut = lp.create_future()
+
+    async def worker(name, n):
+        for i in range(n):
+            trace.append(f"{name} step {i}")
+            await asyncio.sleep(0)
+        return name
+
+    async def waiter():
+        trace.append("waiter start")
+        try:
+            r = await fut
+            trace.append(f"waiter got {r}")
+        except asyncio.CancelledError:
+            trace.append("waiter cancelled")
+            raise
+
+    async def chain(t):
+        trace.append("chain start")
+        r = await t
+        trace.append(f"chain got {r}")
+        return r
+
+    lp.call_soon(trace.append, "soon 1")
+    a = make_task(worker("a", 3))
+    lp.call_soon(trace.append, "soon 2")
+    w = make_task(waiter())
+    c = make_task(chain(a))
+    a.add_done_callback(lambda _: trace.append("a done cb"))
+    for turn in range(8):
+        trace.append(f"-- turn {turn}")
+        if turn == 1:
+            lp.call_soon(trace.append, "soon in turn 1")
+            fut.set_result("F")
+            trace.append("fut set")
+        if turn == 2:
+            b = make_task(worker("b", 2))
+            b.cancel("b msg")
+            trace.append("b created and cancelled")
+        run_briefly(lp)
+    trace.append(("states", a.result(), w.done(), c.result(), b.cancelled()))
+    return trace
+
+
+def test_interleaving_matches_asyncio_task(tloop):
+    got = _interleaving(tloop, tloop.create_task)
+    assert got == _oracle(tloop, lambda make: _interleaving(tloop, make))
+
+
+def _wakeup_turns(lp, make_task):
+    """How many loop iterations a task needs to see a future set from a callback."""
+    trace = []
+    fut = lp.create_future()
+
+    async def body():
+        trace.append("start")
+        await fut
+        trace.append("woken")
+        await asyncio.sleep(0)
+        trace.append("after sleep")
+
+    t = make_task(body())
+    for turn in range(5):
+        trace.append(turn)
+        if turn == 1:
+            lp.call_soon(fut.set_result, None)
+        run_briefly(lp)
+    return trace, t.done()
+
+
+def test_wakeup_takes_the_same_number_of_turns(tloop):
+    assert _wakeup_turns(tloop, tloop.create_task) == _oracle(
+        tloop, lambda make: _wakeup_turns(tloop, make)
+    )
+
+
+def test_stop_inside_a_task_step(tloop):
+    def scenario(make_task):
+        trace = []
+
+        async def body():
+            trace.append("step 1")
+            tloop.stop()
+            await asyncio.sleep(0)
+            trace.append("step 2")
+
+        t = make_task(body())
+        tloop.call_soon(trace.append, "soon")
+        tloop.run_forever()
+        trace.append("stopped")
+        tloop.run_until_complete(t)
+        return trace
+
+    assert scenario(tloop.create_task) == _oracle(tloop, scenario)
