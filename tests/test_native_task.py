@@ -1673,3 +1673,119 @@ def test_stop_inside_a_task_step(tloop):
         return trace
 
     assert scenario(tloop.create_task) == _oracle(tloop, scenario)
+
+
+# -- subclasses -----------------------------------------------------------------------------
+
+SUBCLASS_HOOKS = (
+    "cancel",
+    "add_done_callback",
+    "remove_done_callback",
+    "result",
+    "exception",
+    "get_loop",
+    "cancelled",
+    "done",
+)
+
+
+def recording_subclass(base, calls):
+    """A subclass of ``base`` whose future methods record their calls, then defer to base."""
+
+    def hook(name):
+        orig = getattr(base, name)
+
+        def method(self, *args, **kwargs):
+            calls.append(name)
+            return orig(self, *args, **kwargs)
+
+        method.__name__ = name
+        return method
+
+    return type("Recording" + base.__name__, (base,), {n: hook(n) for n in SUBCLASS_HOOKS})
+
+
+def test_subclass(tloop, task_kind):
+    class MyTask(task_class(task_kind)):
+        def __init__(self, coro, *, loop=None, **kwargs):
+            self.extra = "extra"
+            super().__init__(coro, loop=loop, **kwargs)
+
+    tloop.set_task_factory(lambda lp, coro, **kw: MyTask(coro, loop=lp, **kw))
+
+    async def main():
+        t = asyncio.create_task(value(1), name="sub")
+        return type(t) is MyTask, t.extra, await t, asyncio.isfuture(t), t.get_name()
+
+    assert run(tloop, main()) == (True, "extra", 1, True, "sub")
+    t = MyTask(value(2), loop=tloop)
+    assert repr(t).startswith("<MyTask pending name=")
+    assert tloop.run_until_complete(t) == 2
+
+
+def _subclass_calls(lp, base):
+    """Which methods of a subclass instance the tasks awaiting/cancelling it call."""
+    calls = []
+    sub = recording_subclass(base, calls)
+    out = {}
+
+    async def leaf():
+        await asyncio.sleep(0)
+        return 1
+
+    async def main():
+        s = sub(leaf(), loop=lp)
+        calls.clear()
+        await s
+        out["awaited"] = list(calls)
+        s = sub(wait_on(lp.create_future()), loop=lp)
+        t = base(wait_on(s), loop=lp)
+        await turns(2)
+        calls.clear()
+        t.cancel()
+        await asyncio.gather(t, return_exceptions=True)
+        out["cancelled through its awaiter"] = list(calls)
+
+    lp.run_until_complete(base(main(), loop=lp))
+    return out
+
+
+def test_subclass_methods_are_called_by_awaiting_tasks(request, tloop, task_kind):
+    """asyncio's Task takes its fast paths for exact Futures/Tasks only; for a subclass it
+    calls the (possibly overridden) methods: get_loop, add_done_callback, result, cancel."""
+    xfail_for_ferroloop(
+        request,
+        task_kind,
+        "ferroloop.Task's step/wakeup/cancel use the native fast path for any instance of "
+        "ferroloop.Task, subclasses included (cast::<Task>, not an exact-type check): a "
+        "subclass's overridden get_loop/add_done_callback/result/cancel are never called",
+    )
+    got = _subclass_calls(tloop, task_class(task_kind))
+    assert got == _subclass_calls(tloop, asyncio.Task)
+    assert "cancel" in got["cancelled through its awaiter"]
+
+
+def test_subclass_cancel_override_is_called_through_the_awaiter(request, tloop, task_kind):
+    xfail_for_ferroloop(
+        request,
+        task_kind,
+        "cancelling a ferroloop.Task that awaits a ferroloop.Task subclass cancels it "
+        "natively, bypassing the subclass's cancel() override",
+    )
+    overridden = []
+
+    class Guarded(task_class(task_kind)):
+        def cancel(self, msg=None):
+            overridden.append(msg)
+            return super().cancel(msg)
+
+    async def main():
+        inner = Guarded(wait_on(tloop.create_future()), loop=tloop)
+        outer = asyncio.create_task(wait_on(inner))
+        await turns(2)
+        outer.cancel("why")
+        await asyncio.gather(outer, return_exceptions=True)
+        return inner.cancelled()
+
+    assert run(tloop, main()) is True
+    assert overridden == ["why"]
