@@ -1038,3 +1038,44 @@ def test_functions_call_the_methods_of_task_subclasses(request, tloop, task_kind
     cls = asyncio.Task if task_kind == "asyncio" else import_ferroloop().Task
     got = _functions_subclass_calls(tloop, cls, F)
     assert got == _functions_subclass_calls(tloop, asyncio.Task, ORACLE)
+
+
+def _future_subclass_calls(lp, make_task, fns):
+    """Which methods of an asyncio.Future subclass tasks and the functions call."""
+    calls = []
+    sub = recording_subclass(asyncio.Future, calls)
+    out = {}
+
+    async def main():
+        f = sub(loop=lp)
+        lp.call_soon(f.set_result, 1)
+        calls.clear()
+        await f
+        out["awaited"] = list(calls)
+        f = sub(loop=lp)
+        t = make_task(wait_on(f))
+        await asyncio.sleep(0)
+        calls.clear()
+        t.cancel()
+        await asyncio.gather(t, return_exceptions=True)
+        out["cancelled through its awaiter"] = list(calls)
+        for name, use in (
+            ("gather", lambda s: fns.gather(s)),
+            ("wait", lambda s: fns.wait([s])),
+            ("shield", lambda s: fns.shield(s)),
+        ):
+            f = sub(loop=lp)
+            lp.call_soon(f.set_result, 1)
+            calls.clear()
+            await use(f)
+            out[name] = list(calls)
+
+    lp.run_until_complete(make_task(main()))
+    return out
+
+
+def test_future_subclass_methods_are_called(tloop, F):
+    got = _future_subclass_calls(tloop, tloop.create_task, F)
+    oracle = _future_subclass_calls(tloop, lambda c: asyncio.Task(c, loop=tloop), ORACLE)
+    assert got == oracle
+    assert got["cancelled through its awaiter"][0] == "cancel"
