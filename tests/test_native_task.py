@@ -1789,3 +1789,49 @@ def test_subclass_cancel_override_is_called_through_the_awaiter(request, tloop, 
 
     assert run(tloop, main()) is True
     assert overridden == ["why"]
+
+
+def _eager_trace(lp, factory, gather):
+    """Eager tasks: what ran when, with results, errors, cancellation, context, gather."""
+    trace = []
+    lp.set_task_factory(factory)
+
+    async def immediate(x):
+        trace.append(("immediate", x, var.get(), asyncio.current_task() is not None))
+        return x
+
+    async def immediate_fail():
+        trace.append("immediate_fail")
+        raise ValueError("eager failure")
+
+    async def suspends(x):
+        trace.append(("suspends start", x))
+        await asyncio.sleep(0)
+        trace.append(("suspends end", x))
+        return x
+
+    async def main():
+        var.set("main")
+        a = asyncio.create_task(immediate("a"))
+        trace.append(("a", a.done(), a.result(), a in asyncio.all_tasks()))
+        f = asyncio.create_task(immediate_fail())
+        trace.append(("f", f.done(), type(f.exception()).__name__))
+        s = asyncio.create_task(suspends("s"))
+        trace.append(("s", s.done(), s in asyncio.all_tasks()))
+        c = asyncio.create_task(suspends("c"))
+        c.cancel("early")
+        g = await gather(immediate("g1"), suspends("g2"), a, s, c, f, return_exceptions=True)
+        trace.append(("gather", [r if isinstance(r, str) else type(r).__name__ for r in g]))
+        trace.append(("current", asyncio.current_task() is not None))
+        return "main"
+
+    trace.append(lp.run_until_complete(main()))
+    lp.set_task_factory(None)
+    return trace
+
+
+@needs_312
+def test_eager_trace_matches_asyncio(loop, task_kind):
+    got = _eager_trace(loop, _eager_factory(task_kind), asyncio.gather)
+    assert got == _eager_trace(loop, asyncio.eager_task_factory, asyncio.gather)
+    assert got[0] == ("immediate", "a", "main", True)

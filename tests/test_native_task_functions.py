@@ -1079,3 +1079,55 @@ def test_future_subclass_methods_are_called(tloop, F):
     oracle = _future_subclass_calls(tloop, lambda c: asyncio.Task(c, loop=tloop), ORACLE)
     assert got == oracle
     assert got["cancelled through its awaiter"][0] == "cancel"
+
+
+# -- eager tasks (3.12+) --------------------------------------------------------------------
+
+
+def _eager_factory(task_kind):
+    if task_kind == "asyncio":
+        return asyncio.eager_task_factory
+    return asyncio.create_eager_task_factory(import_ferroloop().Task)
+
+
+def _eager_functions_trace(lp, factory, fns):
+    trace = []
+    lp.set_task_factory(factory)
+
+    async def quick(x):
+        trace.append(("quick", x))
+        return x
+
+    async def slow(x):
+        trace.append(("slow start", x))
+        await asyncio.sleep(0)
+        trace.append(("slow end", x))
+        return x
+
+    async def bad():
+        trace.append("bad")
+        raise KeyError("bad")
+
+    async def main():
+        g = fns.gather(quick(1), slow(2), quick(3))
+        trace.append(("gather made", g.done()))
+        trace.append(("gather", await g))
+        all_quick = fns.gather(quick(4), quick(5))
+        trace.append(("all quick made", all_quick.done()))
+        trace.append(("all quick", await all_quick))
+        trace.append(("errors", await aerror_of(fns.gather(quick(6), bad(), slow(7)))))
+        t = asyncio.create_task(quick(8))
+        done, pending = await fns.wait([t, asyncio.create_task(slow(9))])
+        trace.append(("wait", sorted(x.result() for x in done), pending))
+        trace.append(("shield", await fns.shield(quick(10)), await fns.shield(slow(11))))
+        await turns(3)
+
+    lp.run_until_complete(main())
+    lp.set_task_factory(None)
+    return trace
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are 3.12+")
+def test_eager_tasks_with_the_functions(loop, task_kind, F):
+    got = _eager_functions_trace(loop, _eager_factory(task_kind), F)
+    assert got == _eager_functions_trace(loop, asyncio.eager_task_factory, ORACLE)
