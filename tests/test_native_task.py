@@ -1835,3 +1835,59 @@ def test_eager_trace_matches_asyncio(loop, task_kind):
     got = _eager_trace(loop, _eager_factory(task_kind), asyncio.gather)
     assert got == _eager_trace(loop, asyncio.eager_task_factory, asyncio.gather)
     assert got[0] == ("immediate", "a", "main", True)
+
+
+# -- deep chains ----------------------------------------------------------------------------
+
+_DEEP_CANCEL_SCRIPT = r"""
+import asyncio, os, sys
+sys.path[:0] = {path!r}
+from parity_helpers import new_loop
+loop = new_loop({loop_kind!r})
+if {task_kind!r} == "ferroloop":
+    import ferroloop
+    loop.set_task_factory(ferroloop.task_factory)
+
+async def wait_on(f):
+    return await f
+
+async def main():
+    chain = [loop.create_future()]
+    for _ in range({depth}):
+        chain.append(loop.create_task(wait_on(chain[-1])))
+    await asyncio.sleep(0)
+    try:
+        chain[-1].cancel()
+        return "cancelled"
+    except RecursionError:
+        return "RecursionError"
+
+print(loop.run_until_complete(main()), flush=True)
+os._exit(0)  # no teardown of the chain: only the cancel() is under test
+"""
+
+
+def test_cancelling_a_very_deep_chain_of_tasks_does_not_crash(request, loop_kind, task_kind):
+    """Task N awaits task N-1 ... awaits a future; cancel task N. asyncio's Task cancels
+    the awaited task through a method call and stops with RecursionError; the process must
+    never crash (run in a child process, since a crash would take pytest down)."""
+    import os
+    import subprocess
+
+    xfail_for_ferroloop(
+        request,
+        task_kind,
+        "ferroloop.Task.cancel() recurses natively (task_cancel -> cancel_future -> "
+        "task_cancel ...) with no recursion check: a chain of ~50k tasks awaiting each "
+        "other overflows the C stack (SIGSEGV) where asyncio raises RecursionError",
+    )
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = [here, *(p for p in sys.path if p)]
+    script = _DEEP_CANCEL_SCRIPT.format(
+        path=paths, loop_kind=loop_kind, task_kind=task_kind, depth=100_000
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout.strip() in ("cancelled", "RecursionError")
