@@ -1891,3 +1891,81 @@ def test_cancelling_a_very_deep_chain_of_tasks_does_not_crash(request, loop_kind
     )
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     assert proc.stdout.strip() in ("cancelled", "RecursionError")
+
+
+# -- argument errors ------------------------------------------------------------------------
+
+
+def test_bad_arguments_raise_what_asyncio_raises(tloop, task_kind):
+    """The exception types match asyncio.Task's (the messages are worded by the binding)."""
+    cls = task_class(task_kind)
+
+    def outcomes(cls):
+        made = []
+
+        def coro():
+            c = value(1)
+            made.append(c)
+            return c
+
+        def task():
+            t = cls(coro(), loop=tloop)
+            made.append(t)
+            return t
+
+        cases = [
+            lambda: cls(),
+            lambda: cls(coro(), tloop),
+            lambda: cls(coro(), loop=tloop, bogus=1),
+            lambda: cls(42, loop=tloop),
+            lambda: task().cancel("a", "b"),
+            lambda: task().set_name(),
+            lambda: task().get_stack(limit="x"),
+            lambda: task().remove_done_callback(),
+        ]
+        result = []
+        for case in cases:
+            try:
+                case()
+                result.append(None)
+            except Exception as e:  # noqa: BLE001 - compared with asyncio's
+                result.append(type(e))
+        for m in made:
+            if asyncio.isfuture(m):
+                m.cancel()
+            else:
+                m.close()
+        run_briefly(tloop, 2)
+        return result
+
+    assert outcomes(cls) == outcomes(asyncio.Task)
+
+
+@needs_312
+def test_eager_start_accepts_any_truth_value(request, loop, task_kind):
+    xfail_for_ferroloop(
+        request,
+        task_kind,
+        "ferroloop.Task(eager_start=...) only accepts a bool (TypeError: 'str' object is "
+        "not an instance of 'bool'); asyncio.Task takes any object's truth value",
+    )
+    events = []
+
+    async def body(tag):
+        events.append(tag)
+
+    async def main():
+        cls = task_class(task_kind)
+        coro = body("truthy ran")
+        try:
+            a = cls(coro, loop=loop, eager_start="yes")
+        except TypeError:
+            coro.close()
+            raise
+        events.append("after truthy")
+        b = cls(body("falsy ran"), loop=loop, eager_start=0)
+        events.append("after falsy")
+        await asyncio.gather(a, b)
+
+    loop.run_until_complete(main())
+    assert events == ["truthy ran", "after truthy", "after falsy", "falsy ran"]
