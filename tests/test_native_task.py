@@ -1969,3 +1969,44 @@ def test_eager_start_accepts_any_truth_value(request, loop, task_kind):
 
     loop.run_until_complete(main())
     assert events == ["truthy ran", "after truthy", "after falsy", "falsy ran"]
+
+
+@needs_311
+def test_runner_turns_sigint_into_keyboard_interrupt(loop_kind, task_kind):
+    """asyncio.Runner cancels the main task on SIGINT, then uncancel()s it and raises
+    KeyboardInterrupt: with the main task a ferroloop Task too."""
+    import os
+    import signal
+
+    events = []
+
+    def loop_factory():
+        lp = new_loop(loop_kind)
+        if task_kind == "ferroloop":
+            lp.set_task_factory(import_ferroloop().task_factory)
+        return lp
+
+    async def main():
+        events.append(type(asyncio.current_task()) is task_class(task_kind))
+        os.kill(os.getpid(), signal.SIGINT)
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            events.append(("cancelled", asyncio.current_task().cancelling()))
+            raise
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner, pytest.raises(KeyboardInterrupt):
+        runner.run(main())
+    assert events == [True, ("cancelled", 1)]
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
+def test_loop_usable_after_a_base_exception(tloop, exc_type):
+    async def body():
+        await asyncio.sleep(0)
+        raise exc_type()
+
+    with pytest.raises(exc_type):
+        tloop.run_until_complete(tloop.create_task(body()))
+    assert asyncio.current_task(tloop) is None
+    assert tloop.run_until_complete(tloop.create_task(value("again"))) == "again"
