@@ -2010,3 +2010,41 @@ def test_loop_usable_after_a_base_exception(tloop, exc_type):
         tloop.run_until_complete(tloop.create_task(body()))
     assert asyncio.current_task(tloop) is None
     assert tloop.run_until_complete(tloop.create_task(value("again"))) == "again"
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_lost_task_report_contexts_match_asyncio(tloop, debug):
+    """The exception-handler contexts of the two lost-task reports: same keys, same shape."""
+
+    def scenario(make_task):
+        contexts = _record_loop_errors(tloop)
+        tloop.set_debug(debug)
+
+        async def boom():
+            raise ValueError("lost")
+
+        pending = make_task(wait_on(tloop.create_future()))
+        failed = make_task(boom())
+        run_briefly(tloop, 2)
+        del pending, failed
+        gc.collect()
+        tloop.set_debug(False)
+        tloop.set_exception_handler(None)
+        shapes = sorted(
+            (
+                c["message"],
+                sorted(c),
+                type(c.get("exception")).__name__,
+                bool(c.get("source_traceback")),
+            )
+            for c in contexts
+        )
+        contexts.clear()
+        return shapes
+
+    got = scenario(tloop.create_task)
+    assert [s[0] for s in got] == [
+        "Task exception was never retrieved",
+        "Task was destroyed but it is pending!",
+    ]
+    assert got == _oracle(tloop, scenario)
