@@ -1131,3 +1131,55 @@ def _eager_functions_trace(lp, factory, fns):
 def test_eager_tasks_with_the_functions(loop, task_kind, F):
     got = _eager_functions_trace(loop, _eager_factory(task_kind), F)
     assert got == _eager_functions_trace(loop, asyncio.eager_task_factory, ORACLE)
+
+
+# -- reprs ----------------------------------------------------------------------------------
+
+
+def _normalized(text):
+    import re
+
+    return re.sub(r" at 0x[0-9a-f]+| at /\S+:\d+", "", text)
+
+
+def _callback_reprs(lp, fns):
+    async def main():
+        out = {}
+        f = lp.create_future()
+        w = lp.create_task(fns.wait([f], timeout=3600))
+        await asyncio.sleep(0)
+        out["wait"] = _normalized(repr(f))
+        f.set_result(1)
+        await w
+        f = lp.create_future()
+        g = fns.gather(f)
+        out["gather"] = (_normalized(repr(f)), _normalized(repr(g)))
+        f.set_result(1)
+        await g
+        f = lp.create_future()
+        s = fns.shield(f)
+        out["shield"] = (_normalized(repr(f)), _normalized(repr(s)))
+        f.set_result(1)
+        await s
+        return out
+
+    return run(lp, main())
+
+
+def test_reprs_of_the_futures_involved(request, tloop, fn_kind, F):
+    """A future's repr lists its callbacks: wait/gather/shield's show as asyncio's do
+    (``cb=[_wait.<locals>._on_completion()]``...), which is what a stuck program's
+    task reprs (``wait_for=<Future pending cb=[...]>``) show."""
+    if fn_kind == "ferroloop":
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="futures passed to ferroloop's wait/gather/shield list their callback "
+                "as '<ferroloop._ferroloop.WaitCounter object at 0x...>()' (GatherState, "
+                "ShieldInner, ShieldOuter) where asyncio shows "
+                "'_wait.<locals>._on_completion()', 'gather.<locals>._done_callback()', "
+                "'shield.<locals>._inner_done_callback()', "
+                "'shield.<locals>._outer_done_callback()'",
+            )
+        )
+    assert _callback_reprs(tloop, F) == _callback_reprs(tloop, ORACLE)
