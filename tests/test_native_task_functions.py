@@ -1183,3 +1183,170 @@ def test_reprs_of_the_futures_involved(request, tloop, fn_kind, F):
             )
         )
     assert _callback_reprs(tloop, F) == _callback_reprs(tloop, ORACLE)
+
+
+# -- random scenarios: ferroloop's Task and functions against asyncio's, trace for trace ----
+
+
+def _random_scenario(seed):
+    """A random program for a few tasks (awaiting futures, each other, gather, wait, shield;
+    raising, catching cancellation) and a random driver (settling futures, cancelling
+    tasks between loop iterations). Pure data, so both runs interpret the same thing."""
+    import random
+
+    rnd = random.Random(seed)
+    n_tasks = rnd.randint(2, 6)
+    n_futs = rnd.randint(1, 4)
+    programs = []
+    for i in range(n_tasks):
+        ops = []
+        for _ in range(rnd.randint(1, 4)):
+            refs = [("fut", k) for k in range(n_futs)] + [("task", j) for j in range(i)]
+            kind = rnd.choice(["sleep", "await", "await", "gather", "wait", "shield", "coro"])
+            if kind == "sleep":
+                ops.append(("sleep", rnd.randint(0, 2)))
+            elif kind == "await":
+                ops.append(("await", rnd.choice(refs)))
+            elif kind == "gather":
+                picked = [rnd.choice(refs + [("coro", rnd.randint(0, 2))]) for _ in range(3)]
+                ops.append(("gather", picked[: rnd.randint(1, 3)], rnd.random() < 0.5))
+            elif kind == "wait":
+                picked = [rnd.choice(refs) for _ in range(rnd.randint(1, 3))]
+                when = rnd.choice(["FIRST_COMPLETED", "FIRST_EXCEPTION", "ALL_COMPLETED"])
+                ops.append(("wait", picked, when))
+            elif kind == "shield":
+                ops.append(("shield", rnd.choice(refs + [("coro", 1)])))
+            else:
+                ops.append(("coro", rnd.randint(0, 3)))
+        ending = rnd.choice(["return", "return", "raise"])
+        catch = rnd.choice([None, None, "swallow", "uncancel"])
+        programs.append((ops, ending, catch))
+    driver = []
+    for _turn in range(12):
+        actions = []
+        for _ in range(rnd.randint(0, 2)):
+            what = rnd.choice(["result", "exception", "cancel_fut", "cancel_task", "nothing"])
+            if what in ("result", "exception", "cancel_fut"):
+                actions.append((what, rnd.randrange(n_futs)))
+            elif what == "cancel_task":
+                actions.append((what, rnd.randrange(n_tasks), rnd.choice([None, "msg"])))
+        driver.append(actions)
+    return n_futs, programs, driver
+
+
+def _describe(x):
+    if isinstance(x, BaseException):
+        return (type(x).__name__, x.args)
+    if isinstance(x, list):
+        return [_describe(v) for v in x]
+    return x
+
+
+def _interpret(lp, scenario, make_task, fns):
+    n_futs, programs, driver = scenario
+    trace = []
+    futs = [lp.create_future() for _ in range(n_futs)]
+    tasks = []
+    labels = {}
+    for k, f in enumerate(futs):
+        labels[id(f)] = f"fut{k}"
+
+    async def small(n):
+        await turns(n)
+        return f"coro{n}"
+
+    def resolve(ref):
+        kind, k = ref
+        if kind == "fut":
+            return futs[k]
+        if kind == "task":
+            return tasks[k]
+        return small(k)
+
+    async def run_op(i, op):
+        name = op[0]
+        if name == "sleep":
+            await turns(op[1])
+            return "slept"
+        if name == "await":
+            return await resolve(op[1])
+        if name == "coro":
+            return await small(op[1])
+        if name == "gather":
+            return await fns.gather(*[resolve(r) for r in op[1]], return_exceptions=op[2])
+        if name == "wait":
+            fs = [resolve(r) for r in op[1]]
+            done, pending = await fns.wait(fs, return_when=op[2])
+            return sorted(labels[id(f)] for f in done), sorted(labels[id(f)] for f in pending)
+        if name == "shield":
+            return await fns.shield(resolve(op[1]))
+        raise AssertionError(op)
+
+    async def program(i):
+        ops, ending, catch = programs[i]
+        for step, op in enumerate(ops):
+            try:
+                r = await run_op(i, op)
+                trace.append((i, step, "ok", _describe(r)))
+            except asyncio.CancelledError as e:
+                trace.append((i, step, "cancelled", e.args))
+                if catch is None:
+                    raise
+                if catch == "uncancel":
+                    trace.append((i, step, "uncancel", asyncio.current_task().uncancel()))
+            except Exception as e:  # noqa: BLE001 - recorded, compared
+                trace.append((i, step, "error", _describe(e)))
+        if ending == "raise":
+            raise ValueError(f"task{i}")
+        return f"task{i}"
+
+    for i in range(len(programs)):
+        t = make_task(program(i))
+        labels[id(t)] = f"task{i}"
+        tasks.append(t)
+    for turn, actions in enumerate(driver):
+        for action in actions:
+            what = action[0]
+            if what == "cancel_task":
+                t = tasks[action[1]]
+                trace.append(("driver", turn, "cancel task", action[1], t.cancel(action[2])))
+                continue
+            f = futs[action[1]]
+            if f.done():
+                continue
+            if what == "result":
+                f.set_result(f"fut{action[1]}")
+            elif what == "exception":
+                f.set_exception(KeyError(f"fut{action[1]}"))
+            else:
+                f.cancel()
+            trace.append(("driver", turn, what, action[1]))
+        run_briefly(lp)
+    for f in futs:  # settle what is left, then let everything finish
+        if not f.done():
+            f.set_result("late")
+    for _ in range(30):
+        run_briefly(lp)
+        if all(t.done() for t in tasks):
+            break
+    for i, t in enumerate(tasks):
+        if not t.done():
+            trace.append(("stuck", i))
+            t.cancel()
+            run_briefly(lp, 5)
+        if t.cancelled():
+            trace.append(("end", i, "cancelled", t.cancelling()))
+        elif t.exception() is not None:
+            trace.append(("end", i, "error", _describe(t.exception()), t.cancelling()))
+        else:
+            trace.append(("end", i, "result", t.result(), t.cancelling()))
+    return trace
+
+
+@pytest.mark.parametrize("seeds", [range(40), range(40, 80)], ids=["seeds0-39", "seeds40-79"])
+def test_random_scenarios_match_asyncio(tloop, F, seeds):
+    for seed in seeds:
+        scenario = _random_scenario(seed)
+        got = _interpret(tloop, scenario, tloop.create_task, F)
+        oracle = _interpret(tloop, scenario, lambda c: asyncio.Task(c, loop=tloop), ORACLE)
+        assert got == oracle, f"seed {seed}: {scenario}"
