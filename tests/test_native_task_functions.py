@@ -1350,3 +1350,33 @@ def test_random_scenarios_match_asyncio(tloop, F, seeds):
         got = _interpret(tloop, scenario, tloop.create_task, F)
         oracle = _interpret(tloop, scenario, lambda c: asyncio.Task(c, loop=tloop), ORACLE)
         assert got == oracle, f"seed {seed}: {scenario}"
+
+
+def test_random_scenarios_with_both_kinds_of_task_mixed(loop, F):
+    import itertools
+
+    if SKIP_NATIVE:
+        pytest.skip("FERROLOOP_SKIP_NATIVE=1")
+    ferroloop_task = import_ferroloop().Task
+    for seed in range(80, 110):
+        scenario = _random_scenario(seed)
+        count = itertools.count()
+
+        def mixed(coro, count=count):
+            return (ferroloop_task if next(count) % 2 else asyncio.Task)(coro, loop=loop)
+
+        got = _interpret(loop, scenario, mixed, F)
+        oracle = _interpret(loop, scenario, lambda c: asyncio.Task(c, loop=loop), ORACLE)
+        assert got == oracle, f"seed {seed}: {scenario}"
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are 3.12+")
+def test_random_scenarios_with_eager_tasks(loop, task_kind, F):
+    for seed in range(110, 140):
+        scenario = _random_scenario(seed)
+        loop.set_task_factory(_eager_factory(task_kind))
+        got = _interpret(loop, scenario, loop.create_task, F)
+        loop.set_task_factory(asyncio.eager_task_factory)
+        oracle = _interpret(loop, scenario, loop.create_task, ORACLE)
+        loop.set_task_factory(None)
+        assert got == oracle, f"seed {seed}: {scenario}"
