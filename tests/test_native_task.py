@@ -2048,3 +2048,48 @@ def test_lost_task_report_contexts_match_asyncio(tloop, debug):
         "Task was destroyed but it is pending!",
     ]
     assert got == _oracle(tloop, scenario)
+
+
+def test_nested_run_until_complete_with_allow_nested(loop_kind, task_kind):
+    """ferroloop.allow_nested: a task runs the loop again; current_task is right on both
+    levels (ferroloop loops only)."""
+    if loop_kind != "ferroloop":
+        pytest.skip("allow_nested is for ferroloop loops")
+    ferroloop = import_ferroloop()
+
+    def scenario(factory):
+        lp = ferroloop.allow_nested(new_loop("ferroloop"))
+        lp.set_task_factory(factory)
+        trace = []
+
+        async def inner():
+            me = asyncio.current_task()
+            await asyncio.sleep(0)
+            trace.append(("inner", asyncio.current_task() is me, me.get_name()))
+            return "inner result"
+
+        async def outer():
+            me = asyncio.current_task()
+            r = lp.run_until_complete(lp.create_task(inner(), name="inner"))
+            trace.append(("outer", r, asyncio.current_task() is me))
+            await asyncio.sleep(0)
+            trace.append(("outer after", asyncio.current_task() is me))
+            return type(me).__name__
+
+        try:
+            trace.append(lp.run_until_complete(lp.create_task(outer(), name="outer")))
+            trace.append(asyncio.current_task(lp))
+        finally:
+            lp.close()
+        return trace
+
+    factory = ferroloop.task_factory if task_kind == "ferroloop" else None
+    got = scenario(factory)
+    assert got == [
+        ("inner", True, "inner"),
+        ("outer", "inner result", True),
+        ("outer after", True),
+        "Task",
+        None,
+    ]
+    assert type(got) is list and got == scenario(None)
