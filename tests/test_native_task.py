@@ -2093,3 +2093,88 @@ def test_nested_run_until_complete_with_allow_nested(loop_kind, task_kind):
         None,
     ]
     assert type(got) is list and got == scenario(None)
+
+
+def _loop_class(loop_kind):
+    lp = new_loop(loop_kind)
+    lp.close()
+    return type(lp)
+
+
+def test_steps_go_through_an_overridden_call_soon(loop_kind, task_kind):
+    """asyncio.Task schedules its steps with loop.call_soon: a loop subclass (or instance)
+    overriding call_soon sees every step, whatever the Task class."""
+
+    def scenario(make_task_cls, where):
+        seen = []
+        base = _loop_class(loop_kind)
+
+        class Recording(base):
+            pass
+
+        def call_soon(self, callback, *args, context=None):
+            seen.append("call_soon")
+            return base.call_soon(self, callback, *args, context=context)
+
+        if where == "class":
+            Recording.call_soon = call_soon
+            lp = Recording()
+        else:
+            lp = base()
+            lp.call_soon = call_soon.__get__(lp)
+        try:
+
+            async def body():
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+                return 1
+
+            t = make_task_cls()(body(), loop=lp)
+            seen.append("created")
+            lp.run_until_complete(t)
+        finally:
+            lp.close()
+        return seen
+
+    for where in ("class", "instance"):
+        got = scenario(lambda: task_class(task_kind), where)
+        assert got == scenario(lambda: asyncio.Task, where), where
+        assert got.count("call_soon") >= 3, got
+
+
+def test_call_soon_patched_after_the_task_was_created(request, loop_kind, task_kind):
+    if loop_kind == "ferroloop":
+        xfail_for_ferroloop(
+            request,
+            task_kind,
+            "on a ferroloop loop, a ferroloop.Task decides at creation whether to queue its "
+            "steps natively; loop.call_soon patched on the instance afterwards is never "
+            "called for its steps (asyncio.Task calls it: 3 times here, ferroloop.Task 0)",
+        )
+
+    def scenario(cls):
+        lp = new_loop(loop_kind)
+        seen = []
+        try:
+
+            async def body():
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+                return 1
+
+            t = cls(body(), loop=lp)
+            original = lp.call_soon
+
+            def call_soon(callback, *args, context=None):
+                seen.append("call_soon")
+                return original(callback, *args, context=context)
+
+            lp.call_soon = call_soon
+            lp.run_until_complete(t)
+        finally:
+            lp.close()
+        return seen
+
+    got = scenario(task_class(task_kind))
+    assert got == scenario(asyncio.Task)
+    assert len(got) >= 2
