@@ -1380,3 +1380,65 @@ def test_random_scenarios_with_eager_tasks(loop, task_kind, F):
         oracle = _interpret(loop, scenario, loop.create_task, ORACLE)
         loop.set_task_factory(None)
         assert got == oracle, f"seed {seed}: {scenario}"
+
+
+def test_everything_is_freed_by_refcount(tloop, F):
+    """Tasks that awaited futures/tasks, were cancelled or failed, and the futures of
+    gather/wait/shield: all freed without the cycle collector (no reference cycles)."""
+    import gc
+    import weakref
+
+    refs = {}
+
+    async def failing():
+        await asyncio.sleep(0)
+        raise ValueError("x")
+
+    async def main():
+        f = tloop.create_future()
+        t = tloop.create_task(wait_on(f))
+        refs["awaited a future"] = weakref.ref(t)
+        await asyncio.sleep(0)
+        f.set_result(1)
+        await t
+        f = tloop.create_future()
+        t = tloop.create_task(wait_on(f))
+        refs["cancelled while awaiting"] = weakref.ref(t)
+        await asyncio.sleep(0)
+        t.cancel()
+        await asyncio.gather(t, return_exceptions=True)
+        inner = tloop.create_task(value(1))
+        t = tloop.create_task(wait_on(inner))
+        refs["awaited"], refs["awaiting a task"] = weakref.ref(inner), weakref.ref(t)
+        await t
+        t = tloop.create_task(failing())
+        refs["failed"] = weakref.ref(t)
+        await asyncio.gather(t, return_exceptions=True)
+        g = F.gather(value(1), failing(), return_exceptions=True)
+        refs["gather outer"] = weakref.ref(g)
+        await g
+        a = tloop.create_task(value(2))
+        refs["waited on"] = weakref.ref(a)
+        await F.wait([a])
+        s = F.shield(value(3))
+        refs["shield outer"] = weakref.ref(s)
+        await s
+        x = tloop.create_task(value(4))
+        s2 = F.shield(x)
+        refs["shielded"], refs["cancelled shield"] = weakref.ref(x), weakref.ref(s2)
+        s2.cancel()
+        await asyncio.gather(s2, return_exceptions=True)
+        await x
+        del f, t, inner, g, a, s, x, s2
+
+    gc.collect()
+    gc.disable()
+    try:
+        m = tloop.create_task(main())
+        tloop.run_until_complete(m)
+        refs["main"] = weakref.ref(m)
+        del m
+        run_briefly(tloop, 3)
+        assert sorted(k for k, r in refs.items() if r() is not None) == []
+    finally:
+        gc.enable()
