@@ -2178,3 +2178,40 @@ def test_call_soon_patched_after_the_task_was_created(request, loop_kind, task_k
     got = scenario(task_class(task_kind))
     assert got == scenario(asyncio.Task)
     assert len(got) >= 2
+
+
+def test_reference_cycles_through_a_task_are_collected(tloop):
+    """A task reachable from its own result, exception, done callback, cancel message or
+    context is collected by the cycle collector (every field is traversed)."""
+    _record_loop_errors(tloop)
+    alive = {}
+
+    async def return_self():
+        await asyncio.sleep(0)
+        return asyncio.current_task()
+
+    async def raise_self():
+        await asyncio.sleep(0)
+        raise ValueError(asyncio.current_task())
+
+    async def pend():
+        await tloop.create_future()
+
+    async def context_self():
+        var.set(asyncio.current_task())
+        await asyncio.sleep(0)
+
+    def make(name, coro, setup=None):
+        t = tloop.create_task(coro)
+        if setup is not None:
+            setup(t)
+        run_briefly(tloop, 3)
+        alive[name] = weakref.ref(t)
+
+    make("result", return_self())
+    make("exception", raise_self())
+    make("done callback", pend(), lambda t: t.add_done_callback(lambda _f, t=t: t))
+    make("cancel message", pend(), lambda t: t.cancel(t))
+    make("context", context_self())
+    gc.collect()
+    assert sorted(k for k, r in alive.items() if r() is not None) == []
