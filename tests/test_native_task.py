@@ -2215,3 +2215,75 @@ def test_reference_cycles_through_a_task_are_collected(tloop):
     make("context", context_self())
     gc.collect()
     assert sorted(k for k, r in alive.items() if r() is not None) == []
+
+
+def test_sync_primitives_trace_matches_asyncio_task(tloop):
+    """Lock, Event, Semaphore, Condition and Queue (all built on futures) with cancellation,
+    in the same order as with asyncio.Task."""
+
+    def scenario(make_task):
+        trace = []
+
+        async def main():
+            lock = asyncio.Lock()
+            event = asyncio.Event()
+            sem = asyncio.Semaphore(1)
+            cond = asyncio.Condition()
+            queue = asyncio.Queue(maxsize=1)
+
+            async def locker(i):
+                async with lock:
+                    trace.append(("lock", i))
+                    await asyncio.sleep(0)
+
+            async def sem_user(i):
+                try:
+                    async with sem:
+                        trace.append(("sem", i))
+                        await event.wait()
+                        trace.append(("sem event", i))
+                except asyncio.CancelledError:
+                    trace.append(("sem cancelled", i))
+                    raise
+
+            async def cond_waiter(i):
+                async with cond:
+                    await cond.wait()
+                    trace.append(("cond", i))
+
+            async def producer():
+                for i in range(4):
+                    await queue.put(i)
+                    trace.append(("put", i))
+
+            async def consumer():
+                while True:
+                    item = await queue.get()
+                    trace.append(("got", item))
+                    queue.task_done()
+
+            tasks = [make_task(locker(i)) for i in range(3)]
+            tasks += [make_task(sem_user(i)) for i in range(3)]
+            tasks += [make_task(cond_waiter(i)) for i in range(2)]
+            prod, cons = make_task(producer()), make_task(consumer())
+            await turns(3)
+            tasks[4].cancel()  # a semaphore waiter
+            await turns(1)
+            event.set()
+            async with cond:
+                cond.notify(1)
+            await turns(3)
+            async with cond:
+                cond.notify_all()
+            await prod
+            await queue.join()
+            cons.cancel()
+            results = await asyncio.gather(*tasks, cons, return_exceptions=True)
+            trace.append([type(r).__name__ for r in results])
+
+        tloop.run_until_complete(make_task(main()))
+        return trace
+
+    got = scenario(tloop.create_task)
+    assert got == _oracle(tloop, scenario)
+    assert ("sem cancelled", 1) in got or ("sem cancelled", 2) in got, got
