@@ -2287,3 +2287,26 @@ def test_sync_primitives_trace_matches_asyncio_task(tloop):
     got = scenario(tloop.create_task)
     assert got == _oracle(tloop, scenario)
     assert ("sem cancelled", 1) in got or ("sem cancelled", 2) in got, got
+
+
+def test_awaiting_executor_futures(tloop):
+    import threading
+
+    release = threading.Event()
+
+    def blocking(x):
+        release.wait(5)
+        return x * 2
+
+    async def main():
+        r = await tloop.run_in_executor(None, lambda: 21 * 2)
+        fut = tloop.run_in_executor(None, blocking, 5)
+        t = asyncio.create_task(wait_on(fut))
+        await asyncio.sleep(0)
+        t.cancel()
+        results = await asyncio.gather(t, return_exceptions=True)
+        release.set()
+        return r, type(results[0]).__name__, fut.cancelled()
+
+    assert run(tloop, main()) == (42, "CancelledError", True)
+    tloop.run_until_complete(tloop.shutdown_default_executor())
