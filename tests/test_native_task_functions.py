@@ -9,6 +9,7 @@ the same loop and compares.
 """
 
 import asyncio
+import os
 import sys
 import types
 
@@ -1442,3 +1443,56 @@ def test_everything_is_freed_by_refcount(tloop, F):
         assert sorted(k for k, r in refs.items() if r() is not None) == []
     finally:
         gc.enable()
+
+
+# -- outside a running loop -----------------------------------------------------------------
+
+
+def _outside_a_loop(fns, which):
+    """Call gather/shield with no running loop and no current loop: (result type,
+    warnings as (category, message, file name)) -- the file is where the warning points."""
+    import warnings
+
+    asyncio.set_event_loop_policy(None)
+    coro = value(1)
+    calls = {
+        "gather(coro)": lambda: fns.gather(coro),
+        "gather()": lambda: fns.gather(),
+        "shield(coro)": lambda: fns.shield(coro),
+    }
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = calls[which]()
+    lp = result.get_loop()
+    try:
+        leftovers = asyncio.all_tasks(lp)
+        for t in leftovers:
+            t.cancel()
+        if leftovers:
+            lp.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+        if not result.done():
+            result.cancel()
+    finally:
+        coro.close()
+        lp.close()
+        asyncio.set_event_loop(None)
+    return type(result).__name__, [
+        (w.category.__name__, str(w.message), os.path.basename(w.filename)) for w in caught
+    ]
+
+
+@pytest.mark.parametrize("which", ["gather(coro)", "gather()", "shield(coro)"])
+def test_no_current_loop_warnings_point_at_the_caller(request, asyncio_state, fn_kind, F, which):
+    if fn_kind == "ferroloop" and sys.version_info >= (3, 12):
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="3.12+: the DeprecationWarning 'There is no current event loop' from "
+                "ferroloop.gather(coro)/gather()/shield(coro) outside a loop points into "
+                "ferroloop/tasks.py or ferroloop/_compat.py, not at the caller's line as "
+                "asyncio's does (wrong stacklevel)",
+            )
+        )
+    got = _outside_a_loop(F, which)
+    assert got == _outside_a_loop(ORACLE, which)
+    assert all(w[2] == os.path.basename(__file__) for w in got[1]), got
