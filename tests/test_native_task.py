@@ -2310,3 +2310,42 @@ def test_awaiting_executor_futures(tloop):
 
     assert run(tloop, main()) == (42, "CancelledError", True)
     tloop.run_until_complete(tloop.shutdown_default_executor())
+
+
+def _task_without_a_loop(cls):
+    """cls(coro) with no running loop and no current loop: (type, warnings as
+    (category, message, file name)) -- the file is where the warning points."""
+    import os
+    import warnings
+
+    asyncio.set_event_loop_policy(None)
+    coro = value(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = cls(coro)
+    lp = t.get_loop()
+    try:
+        t.cancel()
+        lp.run_until_complete(asyncio.gather(t, return_exceptions=True))
+    finally:
+        lp.close()
+        asyncio.set_event_loop(None)
+    return type(t).__name__, [
+        (w.category.__name__, str(w.message), os.path.basename(w.filename)) for w in caught
+    ]
+
+
+def test_task_without_a_loop_warns_at_the_caller(request, asyncio_state, task_kind):
+    import os
+
+    if sys.version_info >= (3, 12):
+        xfail_for_ferroloop(
+            request,
+            task_kind,
+            "3.12+: ferroloop.Task(coro) with no running or current loop warns "
+            "'There is no current event loop' pointing into ferroloop/_compat.py "
+            "(TASK_COMPAT.default_loop), not at the caller's line as asyncio.Task does",
+        )
+    got = _task_without_a_loop(task_class(task_kind))
+    assert got == _task_without_a_loop(asyncio.Task)
+    assert all(w[2] == os.path.basename(__file__) for w in got[1]), got
