@@ -2349,3 +2349,50 @@ def test_task_without_a_loop_warns_at_the_caller(request, asyncio_state, task_ki
     got = _task_without_a_loop(task_class(task_kind))
     assert got == _task_without_a_loop(asyncio.Task)
     assert all(w[2] == os.path.basename(__file__) for w in got[1]), got
+
+
+def test_loops_in_two_threads(loop_kind, task_kind):
+    """Each thread's loop has its own current task and task set, while both run."""
+    import threading
+
+    errors = []
+    barrier = threading.Barrier(2, timeout=5)
+
+    def worker(tag):
+        lp = new_loop(loop_kind)
+        if task_kind == "ferroloop":
+            lp.set_task_factory(import_ferroloop().task_factory)
+
+        async def body(i):
+            me = asyncio.current_task()
+            for _ in range(200):
+                await asyncio.sleep(0)
+                if asyncio.current_task() is not me or me.get_loop() is not lp:
+                    errors.append((tag, i, "wrong current task"))
+                    return
+            return i
+
+        async def main():
+            tasks = [asyncio.create_task(body(i), name=f"{tag}-{i}") for i in range(5)]
+            await asyncio.to_thread(barrier.wait)
+            names = {t.get_name() for t in asyncio.all_tasks()}
+            # ("None": 3.13.0 names factory-made tasks so, see test_default_names)
+            if not all(n.startswith((tag, "Task-", "None")) for n in names):
+                errors.append((tag, "foreign tasks", names))
+            return await asyncio.gather(*tasks)
+
+        try:
+            if lp.run_until_complete(main()) != list(range(5)):
+                errors.append((tag, "results"))
+            lp.run_until_complete(lp.shutdown_default_executor())
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append((tag, repr(e)))
+        finally:
+            lp.close()
+
+    threads = [threading.Thread(target=worker, args=(tag,)) for tag in ("A", "B")]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(10)
+    assert errors == []
