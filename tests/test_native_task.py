@@ -2396,3 +2396,34 @@ def test_loops_in_two_threads(loop_kind, task_kind):
     for th in threads:
         th.join(10)
     assert errors == []
+
+
+@pytest.mark.parametrize("cancels, uncancels", [(1, 1), (2, 1), (2, 2), (3, 3), (1, 2)])
+def test_cancel_uncancel_sequences_while_awaiting(tloop, cancels, uncancels):
+    def scenario(make_task):
+        events = []
+        fut = tloop.create_future()
+
+        async def body():
+            try:
+                await fut
+            except asyncio.CancelledError as e:
+                events.append(("caught", e.args, asyncio.current_task().cancelling()))
+                await asyncio.sleep(0)
+                events.append("slept after catching")
+                raise
+            return "finished"
+
+        t = make_task(body())
+        run_briefly(tloop)
+        events.append([t.cancel(f"c{i}") for i in range(cancels)])
+        events.append([t.uncancel() for _ in range(uncancels)])
+        events.append(("fut cancelled", fut.cancelled()))
+        run_briefly(tloop, 4)
+        events.append(("end", t.done(), t.cancelled(), t.cancelling()))
+        if not t.done():
+            t.cancel()
+            run_briefly(tloop, 3)
+        return events
+
+    assert scenario(tloop.create_task) == _oracle(tloop, scenario)
