@@ -1496,3 +1496,38 @@ def test_no_current_loop_warnings_point_at_the_caller(request, asyncio_state, fn
     got = _outside_a_loop(F, which)
     assert got == _outside_a_loop(ORACLE, which)
     assert all(w[2] == os.path.basename(__file__) for w in got[1]), got
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
+def test_base_exception_in_a_gathered_child(tloop, F, exc_type):
+    def scenario(fns):
+        events = []
+
+        async def child():
+            await asyncio.sleep(0)
+            raise exc_type("child")
+
+        async def main():
+            g = fns.gather(child(), value("other", 3), return_exceptions=True)
+            try:
+                events.append(("gathered", [type(r).__name__ for r in await g]))
+            except BaseException as e:
+                events.append(("gather raised", type(e).__name__))
+                raise
+            return g
+
+        m = tloop.create_task(main())
+        try:
+            tloop.run_until_complete(m)
+        except exc_type:
+            events.append("propagated out of run_until_complete")
+        run_briefly(tloop, 6)
+        events.append(("main", m.done(), m.cancelled()))
+        if not m.done():
+            m.cancel()
+            run_briefly(tloop, 3)
+        return events
+
+    got = scenario(F)
+    assert "propagated out of run_until_complete" in got
+    assert got == scenario(ORACLE)
