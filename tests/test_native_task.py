@@ -1102,6 +1102,8 @@ def test_eager_start_outside_a_running_loop_is_lazy(loop, task_kind):
 @needs_312
 def test_ferroloop_eager_task_factory(loop):
     """ferroloop.eager_task_factory (3.12+) is asyncio.eager_task_factory for ferroloop.Task."""
+    if SKIP_NATIVE:
+        pytest.skip("FERROLOOP_SKIP_NATIVE=1")
     ferroloop = import_ferroloop()
     loop.set_task_factory(ferroloop.eager_task_factory)
     events = []
