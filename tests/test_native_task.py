@@ -2429,3 +2429,22 @@ def test_cancel_uncancel_sequences_while_awaiting(tloop, cancels, uncancels):
         return events
 
     assert scenario(tloop.create_task) == _oracle(tloop, scenario)
+
+
+def test_task_factory_called_directly(loop):
+    if SKIP_NATIVE:
+        pytest.skip("FERROLOOP_SKIP_NATIVE=1")
+    ferroloop = import_ferroloop()
+    ctx = contextvars.copy_context()
+    ctx.run(var.set, "factory ctx")
+
+    async def body():
+        return var.get()
+
+    t = ferroloop.task_factory(loop, body(), name="made", context=ctx)
+    assert type(t) is ferroloop.Task
+    assert (t.get_loop(), t.get_name(), t.get_context()) == (loop, "made", ctx)
+    assert loop.run_until_complete(t) == "factory ctx"
+    plain = ferroloop.task_factory(loop, value(3))
+    assert re.fullmatch(r"Task-\d+", plain.get_name())
+    assert loop.run_until_complete(plain) == 3
