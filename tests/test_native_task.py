@@ -2448,3 +2448,39 @@ def test_task_factory_called_directly(loop):
     plain = ferroloop.task_factory(loop, value(3))
     assert re.fullmatch(r"Task-\d+", plain.get_name())
     assert loop.run_until_complete(plain) == 3
+
+
+def test_debug_slow_step_reports_name_the_task(request, caplog, loop_kind, task_kind):
+    """In debug mode a slow callback is logged as 'Executing <what> took N seconds'; for a
+    task's step asyncio names the task (``Executing <Task pending name=...>``)."""
+    import logging
+
+    if loop_kind == "asyncio":
+        xfail_for_ferroloop(
+            request,
+            task_kind,
+            "on asyncio's loop a slow ferroloop.Task step is logged as 'Executing <Handle "
+            "<TaskStepMethWrapper object at 0x...>() created at ...>' (and the wakeup as "
+            "'<Handle Task.task_wakeup(...)>'): asyncio's _format_handle only names the "
+            "task when the callback's __self__ is an asyncio.Task",
+        )
+
+    def scenario(cls):
+        lp = new_loop(loop_kind)
+        caplog.clear()
+        try:
+            lp.set_debug(True)
+            lp.slow_callback_duration = 0  # every callback counts as slow: no timing
+            fut = lp.create_future()
+            t = cls(wait_on(fut), loop=lp, name="slowpoke")
+            lp.call_soon(fut.set_result, None)
+            with caplog.at_level(logging.WARNING, logger="asyncio"):
+                lp.run_until_complete(t)
+        finally:
+            lp.close()
+        return [
+            r.getMessage() for r in caplog.records if r.getMessage().startswith("Executing <Task")
+        ]
+
+    got = scenario(task_class(task_kind))
+    assert len(got) == 2 and all("name='slowpoke'" in m for m in got), got
