@@ -1531,3 +1531,23 @@ def test_base_exception_in_a_gathered_child(tloop, F, exc_type):
     got = scenario(F)
     assert "propagated out of run_until_complete" in got
     assert got == scenario(ORACLE)
+
+
+# -- a third-party loop ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task_kind_", KINDS)
+def test_random_scenarios_on_uvloop(task_kind_, F):
+    """Any loop: uvloop's (a loop ferroloop knows nothing about), where installed."""
+    uvloop = pytest.importorskip("uvloop")
+    lp = uvloop.new_event_loop()
+    try:
+        if task_kind_ == "ferroloop":
+            lp.set_task_factory(import_ferroloop().task_factory)
+        for seed in range(140, 170):
+            scenario = _random_scenario(seed)
+            got = _interpret(lp, scenario, lp.create_task, F)
+            oracle = _interpret(lp, scenario, lambda c: asyncio.Task(c, loop=lp), ORACLE)
+            assert got == oracle, f"seed {seed}: {scenario}"
+    finally:
+        lp.close()
