@@ -25,6 +25,9 @@ PY312 = sys.version_info >= (3, 12)
 needs_311 = pytest.mark.skipif(not PY311, reason="3.11+ API")
 needs_312 = pytest.mark.skipif(not PY312, reason="eager tasks are 3.12+")
 
+# An error the loop logs through its default handler fails the test (conftest).
+pytestmark = pytest.mark.usefixtures("no_unexpected_loop_errors")
+
 TASK_KINDS = ["asyncio"] if SKIP_NATIVE else ["asyncio", "ferroloop"]
 
 var = contextvars.ContextVar("native_task_var", default="default")
