@@ -2487,3 +2487,35 @@ def test_debug_slow_step_reports_name_the_task(request, caplog, loop_kind, task_
 
     got = scenario(task_class(task_kind))
     assert len(got) == 2 and all("name='slowpoke'" in m for m in got), got
+
+
+def test_arbitrary_attributes_can_be_set(request, tloop, task_kind):
+    """asyncio's Task has a __dict__: libraries attach their own attributes to tasks."""
+    xfail_for_ferroloop(
+        request,
+        task_kind,
+        "ferroloop.Task has no __dict__: `task.my_attr = 1` raises AttributeError, where "
+        "asyncio.Task accepts it (libraries tag tasks this way)",
+    )
+    t = tloop.create_task(value(1))
+    try:
+        t.my_attr = "tag"
+        assert t.my_attr == "tag"
+    finally:
+        tloop.run_until_complete(t)
+
+
+def test_object_protocols(tloop):
+    t = tloop.create_task(value(1))
+    other = tloop.create_task(value(2))
+    same = t
+    assert hash(t) == hash(same) and t == same and t != other
+    assert len({t, other, t}) == 2
+    assert weakref.ref(t)() is t
+    with pytest.raises(TypeError):
+        t < other  # noqa: B015 - no ordering
+    import pickle
+
+    with pytest.raises(TypeError):
+        pickle.dumps(t)
+    tloop.run_until_complete(asyncio.gather(t, other))
