@@ -2519,3 +2519,44 @@ def test_object_protocols(tloop):
     with pytest.raises(TypeError):
         pickle.dumps(t)
     tloop.run_until_complete(asyncio.gather(t, other))
+
+
+def test_awaited_future_cancelled_with_a_message(tloop):
+    def scenario(make_task):
+        fut = tloop.create_future()
+        seen = []
+
+        async def body():
+            try:
+                await fut
+            except asyncio.CancelledError as e:
+                seen.append(e.args)
+                raise
+
+        t = make_task(body())
+        run_briefly(tloop)
+        fut.cancel("future msg")
+        run_briefly(tloop, 3)
+        try:
+            t.result()
+        except asyncio.CancelledError as e:
+            seen.append(("result", e.args))
+        return seen, t.cancelled(), t.cancelling()
+
+    got = scenario(tloop.create_task)
+    assert got[0][0] == ("future msg",)
+    assert got == _oracle(tloop, scenario)
+
+
+def test_ensure_future_and_wrap_future(tloop, loop_kind):
+    t = tloop.create_task(value(1))
+    assert asyncio.ensure_future(t) is t
+    assert asyncio.ensure_future(t, loop=tloop) is t
+    assert asyncio.wrap_future(t) is t
+    other = new_loop(loop_kind)
+    try:
+        with pytest.raises(ValueError):
+            asyncio.ensure_future(t, loop=other)
+    finally:
+        other.close()
+    assert tloop.run_until_complete(t) == 1
