@@ -2560,3 +2560,38 @@ def test_ensure_future_and_wrap_future(tloop, loop_kind):
     finally:
         other.close()
     assert tloop.run_until_complete(t) == 1
+
+
+@needs_312
+def test_eager_task_introspection(loop, task_kind):
+    """get_coro/get_context/get_name/repr of an eager task finished in its first step."""
+
+    def scenario(factory):
+        loop.set_task_factory(factory)
+        out = []
+
+        async def quick():
+            return "q"
+
+        async def main():
+            t = asyncio.create_task(quick(), name="eager-q")
+            if type(t) is not asyncio.Task:
+                # (not asked of asyncio.Task: get_coro() here crashes CPython 3.12.1)
+                coro = t.get_coro()
+                assert coro is None or asyncio.iscoroutine(coro)
+            out.append(
+                (
+                    t.done(),
+                    isinstance(t.get_context(), contextvars.Context),
+                    t.get_name(),
+                    _norm(repr(t)).split(" coro=")[0],
+                    t.get_stack(),
+                    t.cancel(),
+                )
+            )
+
+        loop.run_until_complete(main())
+        loop.set_task_factory(None)
+        return out
+
+    assert scenario(_eager_factory(task_kind)) == scenario(asyncio.eager_task_factory)
