@@ -2595,3 +2595,50 @@ def test_eager_task_introspection(loop, task_kind):
         return out
 
     assert scenario(_eager_factory(task_kind)) == scenario(asyncio.eager_task_factory)
+
+
+_UNINITIALIZED_SCRIPT = r"""
+import asyncio, gc, sys
+sys.path[:0] = {path!r}
+import ferroloop
+
+t = ferroloop.Task.__new__(ferroloop.Task)
+calls = [
+    repr, lambda t: t.done(), lambda t: t.cancelled(), lambda t: t.cancel("m"),
+    lambda t: t.result(), lambda t: t.exception(), lambda t: t.get_loop(),
+    lambda t: t.get_name(), lambda t: t.set_name("n"), lambda t: t.get_coro(),
+    lambda t: t.get_context(), lambda t: t.add_done_callback(print),
+    lambda t: t.remove_done_callback(print), lambda t: t.get_stack(),
+    lambda t: t.print_stack(file=sys.stderr), lambda t: t.cancelling(),
+    lambda t: t.uncancel(), lambda t: next(t.__await__()), lambda t: t._state,
+    lambda t: t._asyncio_future_blocking, lambda t: asyncio.isfuture(t),
+]
+for call in calls:
+    try:
+        call(t)
+    except Exception:
+        pass
+del t
+gc.collect()
+print("survived", flush=True)
+"""
+
+
+def test_uninitialized_task_does_not_crash():
+    """Task.__new__ without __init__, then every method: errors are fine, crashes are not
+    (a child process; asyncio's own C Task does crash here, so there is no oracle)."""
+    import os
+    import subprocess
+
+    if SKIP_NATIVE:
+        pytest.skip("FERROLOOP_SKIP_NATIVE=1")
+    paths = [os.path.dirname(os.path.abspath(__file__)), *(p for p in sys.path if p)]
+    proc = subprocess.run(
+        [sys.executable, "-c", _UNINITIALIZED_SCRIPT.format(path=paths)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout.strip() == "survived"
