@@ -2642,3 +2642,85 @@ def test_uninitialized_task_does_not_crash():
     )
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     assert proc.stdout.strip() == "survived"
+
+
+class DuckFuture:
+    """A future-like object that is not an asyncio.Future (and has no get_loop: asyncio
+    falls back to its ``_loop``), as some third-party libraries make."""
+
+    _asyncio_future_blocking = False
+
+    def __init__(self, loop):
+        self._loop = loop
+        self._callbacks = []
+        self._state = "PENDING"
+        self._result = None
+        self.cancel_calls = []
+
+    def done(self):
+        return self._state != "PENDING"
+
+    def cancelled(self):
+        return self._state == "CANCELLED"
+
+    def add_done_callback(self, fn, *, context=None):
+        self._callbacks.append((fn, context))
+
+    def remove_done_callback(self, fn):
+        before = len(self._callbacks)
+        self._callbacks = [(f, c) for f, c in self._callbacks if f != fn]
+        return before - len(self._callbacks)
+
+    def _finish(self, state):
+        self._state = state
+        for fn, ctx in self._callbacks:
+            self._loop.call_soon(fn, self, context=ctx)
+        self._callbacks = []
+
+    def set_result(self, value):
+        self._result = value
+        self._finish("FINISHED")
+
+    def cancel(self, msg=None):
+        self.cancel_calls.append(msg)
+        if self.done():
+            return False
+        self._finish("CANCELLED")
+        return True
+
+    def result(self):
+        if self._state == "CANCELLED":
+            raise asyncio.CancelledError()
+        return self._result
+
+    def exception(self):
+        return None
+
+    def __await__(self):
+        if not self.done():
+            self._asyncio_future_blocking = True
+            yield self
+        return self.result()
+
+    __iter__ = __await__
+
+
+def test_duck_typed_futures(tloop):
+    def scenario(make_task):
+        out = []
+        duck = DuckFuture(tloop)
+        t = make_task(wait_on(duck))
+        run_briefly(tloop)
+        tloop.call_soon(duck.set_result, "quack")
+        out.append(tloop.run_until_complete(t))
+        duck2 = DuckFuture(tloop)
+        t2 = make_task(wait_on(duck2))
+        run_briefly(tloop)
+        out.append(t2.cancel("stop"))
+        run_briefly(tloop, 3)
+        out.append((t2.cancelled(), duck2.cancel_calls, duck2.cancelled()))
+        return out
+
+    got = scenario(tloop.create_task)
+    assert got == _oracle(tloop, scenario)
+    assert got[0] == "quack"
