@@ -35,7 +35,7 @@ fn ensure_future<'py>(
     loop_: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let py = arg.py();
-    if arg.cast::<Task>().is_ok() {
+    if arg.cast_exact::<Task>().is_ok() {
         if let Some(l) = loop_ {
             if !any_get_loop(arg)?.is(l) {
                 return Err(PyValueError::new_err(
@@ -306,7 +306,7 @@ impl ShieldOuter {
 #[pyfunction]
 pub fn shield<'py>(arg: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
     let py = arg.py();
-    let inner = if arg.cast::<Task>().is_ok() {
+    let inner = if arg.cast_exact::<Task>().is_ok() {
         arg.clone()
     } else {
         compat(py)?

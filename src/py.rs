@@ -154,3 +154,22 @@ pub fn kw_loop(py: Python<'_>) -> PyResult<&Bound<'_, pyo3::types::PyTuple>> {
         })
         .map(|t| t.bind(py))
 }
+
+/// Run `f` as one level of recursion in CPython's accounting: a RecursionError (as asyncio's
+/// Python code would raise) instead of overflowing the C stack when native code recurses
+/// through user-built structures (a chain of tasks awaiting each other, for instance).
+pub fn recursion_guarded<T>(
+    py: Python<'_>,
+    place: &std::ffi::CStr,
+    f: impl FnOnce() -> PyResult<T>,
+) -> PyResult<T> {
+    // SAFETY: `place` is a NUL-terminated string; every successful Enter is paired with
+    // the Leave below.
+    if unsafe { pyo3::ffi::Py_EnterRecursiveCall(place.as_ptr()) } != 0 {
+        return Err(PyErr::fetch(py));
+    }
+    let r = f();
+    // SAFETY: paired with the successful Py_EnterRecursiveCall above.
+    unsafe { pyo3::ffi::Py_LeaveRecursiveCall() };
+    r
+}

@@ -114,7 +114,6 @@ impl Task {
 // --- cached Python objects ------------------------------------------------------------
 
 static CURRENT_TASKS: PyOnceLock<Py<PyDict>> = PyOnceLock::new();
-static REGISTER_TASK: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static CANCELLED_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static INVALID_STATE_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static ISCOROUTINE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
@@ -514,7 +513,7 @@ fn handle_yield(slf: &Bound<'_, Task>, result: Bound<'_, PyAny>) -> PyResult<()>
         return schedule_step(slf, None);
     }
     let loop_ = slf.borrow().loop_obj(py)?;
-    if let Ok(fut) = result.cast::<Task>() {
+    if let Ok(fut) = result.cast_exact::<Task>() {
         // One of ours: everything natively.
         let (same_loop, blocking) = {
             let f = fut.borrow();
@@ -642,7 +641,7 @@ fn set_waiter(slf: &Bound<'_, Task>, fut: Bound<'_, PyAny>) -> PyResult<()> {
 /// `fut.cancel(msg=msg)`, natively for our tasks.
 fn cancel_future(fut: &Bound<'_, PyAny>, msg: Option<Py<PyAny>>) -> PyResult<bool> {
     let py = fut.py();
-    if let Ok(t) = fut.cast::<Task>() {
+    if let Ok(t) = fut.cast_exact::<Task>() {
         return task_cancel(t, msg);
     }
     // Positionally, as asyncio's C Task calls it (a subclass may name it differently).
@@ -738,7 +737,7 @@ fn schedule_step(slf: &Bound<'_, Task>, exc: Option<Py<PyAny>>) -> PyResult<()> 
 /// asyncio's `Task.__wakeup`: the awaited future is done; step with its exception, if any.
 fn wakeup(slf: &Bound<'_, Task>, fut: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = slf.py();
-    if let Ok(f) = fut.cast::<Task>() {
+    if let Ok(f) = fut.cast_exact::<Task>() {
         let ok = {
             let b = f.borrow();
             b.state == State::Finished && b.exception.is_none()
@@ -825,7 +824,9 @@ fn task_cancel(slf: &Bound<'_, Task>, msg: Option<Py<PyAny>>) -> PyResult<bool> 
     };
     if let Some(w) = waiter {
         let m = msg.as_ref().map(|m| m.clone_ref(py));
-        if cancel_future(w.bind(py), m)? {
+        if py::recursion_guarded(py, c" while cancelling a task", || {
+            cancel_future(w.bind(py), m)
+        })? {
             // Keep the waiter: it may be a task that ignores the cancellation.
             return Ok(true);
         }
@@ -856,23 +857,75 @@ fn start(slf: &Bound<'_, Task>, eager_start: bool) -> PyResult<()> {
 /// (a weak reference in the set's data) unless the set is being iterated.
 fn register_task(slf: &Bound<'_, Task>) -> PyResult<()> {
     let py = slf.py();
-    let ws = REGISTER_TASK.get_or_try_init(py, || {
-        Ok::<_, PyErr>(compat(py)?.getattr("all_tasks_set")?.unbind())
-    })?;
-    let ws = ws.bind(py);
-    let pending = ws.getattr(intern!(py, "_pending_removals"))?;
-    if pending.is_truthy()? {
-        ws.call_method1(intern!(py, "add"), (slf,))?;
+    let reg = registry(py)?;
+    if reg.pending.bind(py).len() > 0 {
+        // The set has removals to commit: its own add() does that first.
+        reg.set.bind(py).call_method1(intern!(py, "add"), (slf,))?;
         return Ok(());
     }
-    let remove = ws.getattr(intern!(py, "_remove"))?;
     // SAFETY: both objects are alive; PyWeakref_NewRef returns a new reference or NULL.
     let r = unsafe {
-        Bound::from_owned_ptr_or_err(py, ffi::PyWeakref_NewRef(slf.as_ptr(), remove.as_ptr()))?
+        Bound::from_owned_ptr_or_err(
+            py,
+            ffi::PyWeakref_NewRef(slf.as_ptr(), reg.remove.bind(py).as_ptr()),
+        )?
     };
-    ws.getattr(intern!(py, "data"))?
-        .cast_into::<pyo3::types::PySet>()?
-        .add(r)
+    reg.data.bind(py).add(r)
+}
+
+/// asyncio's task registry: the WeakSet `all_tasks()` reads, its parts (fixed objects for
+/// the set's lifetime), and a native replacement for its `_remove` weakref callback.
+struct Registry {
+    set: Py<PyAny>,
+    data: Py<pyo3::types::PySet>,
+    iterating: Py<pyo3::types::PySet>,
+    pending: Py<pyo3::types::PyList>,
+    remove: Py<WeakSetRemove>,
+}
+
+static REGISTRY: PyOnceLock<Registry> = PyOnceLock::new();
+
+fn registry(py: Python<'_>) -> PyResult<&Registry> {
+    REGISTRY.get_or_try_init(py, || {
+        let set = compat(py)?.getattr("all_tasks_set")?;
+        let data = set
+            .getattr("data")?
+            .cast_into::<pyo3::types::PySet>()?
+            .unbind();
+        let iterating = set
+            .getattr("_iterating")?
+            .cast_into::<pyo3::types::PySet>()?
+            .unbind();
+        let pending = set
+            .getattr("_pending_removals")?
+            .cast_into::<pyo3::types::PyList>()?
+            .unbind();
+        let remove = Py::new(py, WeakSetRemove {})?;
+        Ok::<_, PyErr>(Registry {
+            set: set.unbind(),
+            data,
+            iterating,
+            pending,
+            remove,
+        })
+    })
+}
+
+/// The weak-reference callback of a registered task (the WeakSet's `_remove`, natively):
+/// drop the dead reference from the set, or queue it while the set is being iterated.
+#[pyclass(module = "ferroloop._ferroloop")]
+pub struct WeakSetRemove {}
+
+#[pymethods]
+impl WeakSetRemove {
+    fn __call__(&self, py: Python<'_>, wr: Bound<'_, PyAny>) -> PyResult<()> {
+        let reg = registry(py)?;
+        if reg.iterating.bind(py).len() > 0 {
+            reg.pending.bind(py).append(wr)
+        } else {
+            reg.data.bind(py).discard(wr).map(|_| ())
+        }
+    }
 }
 
 /// Fill in a new task (asyncio's `Task.__init__`).
@@ -1749,11 +1802,12 @@ pub fn task_factory<'py>(
 //
 // The task functions (`wait.rs`, `gather.rs`) accept asyncio Futures, asyncio Tasks,
 // ferroloop Tasks and other future-likes; these do what asyncio's functions do through
-// method calls, without a call for ferroloop tasks.
+// method calls, without a call for ferroloop tasks. As asyncio's C code, the shortcut is
+// for the exact type only: a subclass's overridden methods are called.
 
 /// `fut.done()`.
 pub fn any_done(fut: &Bound<'_, PyAny>) -> PyResult<bool> {
-    if let Ok(t) = fut.cast::<Task>() {
+    if let Ok(t) = fut.cast_exact::<Task>() {
         return Ok(t.borrow().state != State::Pending);
     }
     fut.call_method0(intern!(fut.py(), "done"))?.is_truthy()
@@ -1761,7 +1815,7 @@ pub fn any_done(fut: &Bound<'_, PyAny>) -> PyResult<bool> {
 
 /// `fut.cancelled()`.
 pub fn any_cancelled(fut: &Bound<'_, PyAny>) -> PyResult<bool> {
-    if let Ok(t) = fut.cast::<Task>() {
+    if let Ok(t) = fut.cast_exact::<Task>() {
         return Ok(t.borrow().state == State::Cancelled);
     }
     fut.call_method0(intern!(fut.py(), "cancelled"))?
@@ -1771,7 +1825,7 @@ pub fn any_cancelled(fut: &Bound<'_, PyAny>) -> PyResult<bool> {
 /// `fut.exception()` (marks the exception retrieved; raises if cancelled or pending).
 pub fn any_exception<'py>(fut: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
     let py = fut.py();
-    if let Ok(t) = fut.cast::<Task>() {
+    if let Ok(t) = fut.cast_exact::<Task>() {
         return Ok(Task::exception(t)?.map(|e| e.into_bound(py)));
     }
     let e = fut.call_method0(intern!(py, "exception"))?;
@@ -1780,7 +1834,7 @@ pub fn any_exception<'py>(fut: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py,
 
 /// `fut.result()`.
 pub fn any_result<'py>(fut: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-    if let Ok(t) = fut.cast::<Task>() {
+    if let Ok(t) = fut.cast_exact::<Task>() {
         return task_result(t);
     }
     fut.call_method0(intern!(fut.py(), "result"))
@@ -1788,7 +1842,7 @@ pub fn any_result<'py>(fut: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
 
 /// `fut._make_cancelled_error()`.
 pub fn any_make_cancelled_error<'py>(fut: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-    if let Ok(t) = fut.cast::<Task>() {
+    if let Ok(t) = fut.cast_exact::<Task>() {
         return make_cancelled_error(t);
     }
     fut.call_method0(intern!(fut.py(), "_make_cancelled_error"))
@@ -1797,7 +1851,7 @@ pub fn any_make_cancelled_error<'py>(fut: &Bound<'py, PyAny>) -> PyResult<Bound<
 /// `fut._cancel_message`.
 pub fn any_cancel_message<'py>(fut: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
     let py = fut.py();
-    if let Ok(t) = fut.cast::<Task>() {
+    if let Ok(t) = fut.cast_exact::<Task>() {
         return Ok(t
             .borrow()
             .cancel_message
@@ -1809,7 +1863,7 @@ pub fn any_cancel_message<'py>(fut: &Bound<'py, PyAny>) -> PyResult<Bound<'py, P
 
 /// `fut.add_done_callback(cb)`.
 pub fn any_add_done_callback(fut: &Bound<'_, PyAny>, cb: &Bound<'_, PyAny>) -> PyResult<()> {
-    if let Ok(t) = fut.cast::<Task>() {
+    if let Ok(t) = fut.cast_exact::<Task>() {
         return Task::add_done_callback(t, cb.clone(), None);
     }
     fut.call_method1(intern!(fut.py(), "add_done_callback"), (cb,))?;
@@ -1819,7 +1873,7 @@ pub fn any_add_done_callback(fut: &Bound<'_, PyAny>, cb: &Bound<'_, PyAny>) -> P
 /// `fut.remove_done_callback(cb)`; for ferroloop tasks `cb` is matched by identity only
 /// (the callers pass their own native callbacks).
 pub fn any_remove_done_callback(fut: &Bound<'_, PyAny>, cb: &Bound<'_, PyAny>) -> PyResult<()> {
-    if let Ok(t) = fut.cast::<Task>() {
+    if let Ok(t) = fut.cast_exact::<Task>() {
         let gone: Vec<_> = {
             let mut b = t.borrow_mut();
             let old = std::mem::take(&mut b.callbacks);
@@ -1838,7 +1892,7 @@ pub fn any_remove_done_callback(fut: &Bound<'_, PyAny>, cb: &Bound<'_, PyAny>) -
 
 /// `futures._get_loop(fut)`.
 pub fn any_get_loop<'py>(fut: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-    if let Ok(t) = fut.cast::<Task>() {
+    if let Ok(t) = fut.cast_exact::<Task>() {
         return t.borrow().loop_obj(fut.py());
     }
     future_get_loop(fut)
@@ -1846,7 +1900,7 @@ pub fn any_get_loop<'py>(fut: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>>
 
 /// `fut._log_destroy_pending = False` (a task made for the caller need not be awaited).
 pub fn any_quiet_destroy(fut: &Bound<'_, PyAny>) -> PyResult<()> {
-    if let Ok(t) = fut.cast::<Task>() {
+    if let Ok(t) = fut.cast_exact::<Task>() {
         t.borrow_mut().log_destroy_pending = false;
         return Ok(());
     }
