@@ -10,6 +10,7 @@ mod py;
 mod reactor;
 mod sockets;
 mod timers;
+mod transports;
 
 #[pymodule]
 fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -18,6 +19,7 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handles::Handle>()?;
     m.add_class::<handles::TimerHandle>()?;
     m.add_function(wrap_pyfunction!(sockets::recv, m)?)?;
+    m.add_class::<transports::stream::StreamCore>()?;
     fastcall::install(m.py())?;
     Ok(())
 }

@@ -7,7 +7,7 @@ decided below.
 
 import inspect
 import sys
-from asyncio import base_events, format_helpers, tasks
+from asyncio import base_events, format_helpers, selector_events, tasks
 
 # 3.13 split run_forever into _run_forever_setup/_run_forever_cleanup (and
 # BaseEventLoop.__init__ gained _old_agen_hooks); older versions inline them.
@@ -57,3 +57,29 @@ else:
 # 3.12 made _make_socket_transport/_make_datagram_transport refuse an fd that another
 # transport still uses (_ensure_fd_no_transport).
 MAKE_TRANSPORT_CHECKS_FD = sys.version_info >= (3, 12)
+
+
+# 3.13's Server tracks its transports: _attach(transport)/_detach(transport), and a transport's
+# __del__ detaches itself (3.11/3.12: _attach()/_detach() count them).
+SERVER_TRACKS_TRANSPORTS = len(inspect.signature(base_events.Server._attach).parameters) > 1
+
+
+def server_attach(server, transport):
+    """Server._attach as the running Python calls it."""
+    if SERVER_TRACKS_TRANSPORTS:
+        server._attach(transport)
+    else:
+        server._attach()
+
+
+def server_detach(server, transport):
+    """Server._detach as the running Python calls it."""
+    if SERVER_TRACKS_TRANSPORTS:
+        server._detach(transport)
+    else:
+        server._detach()
+
+
+# 3.12 gave the socket transport its own writelines (one sendmsg, its own messages);
+# 3.11 inherits WriteTransport.writelines (join, then write).
+WRITELINES_SENDMSG = "writelines" in selector_events._SelectorSocketTransport.__dict__
