@@ -88,11 +88,11 @@ fn add_writer(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
     Ok(())
 }
 
+/// The core is its own read callback (`__call__`): no bound-method object per connection.
 fn add_reader(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
     let py = slf.py();
     let (lp, fd) = loop_of(slf);
-    let cb = slf.getattr(intern!(py, "_read_ready"))?;
-    lp.call_method1(intern!(py, "_add_reader"), (fd, cb))?;
+    lp.call_method1(intern!(py, "_add_reader"), (fd, slf))?;
     Ok(())
 }
 
@@ -606,6 +606,17 @@ impl StreamCore {
 
     fn _read_ready(slf: &Bound<'_, Self>) -> PyResult<()> {
         read_ready(slf)
+    }
+
+    /// The loop's reader handle calls the core itself (see `add_reader`).
+    fn __call__(slf: &Bound<'_, Self>) -> PyResult<()> {
+        read_ready(slf)
+    }
+
+    /// What asyncio's handle reprs show for the reader callback: asyncio's method name.
+    #[getter]
+    fn __qualname__(&self) -> &'static str {
+        "_SelectorSocketTransport._read_ready"
     }
 
     fn _write_ready(slf: &Bound<'_, Self>) -> PyResult<()> {
