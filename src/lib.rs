@@ -20,6 +20,10 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handles::TimerHandle>()?;
     m.add_function(wrap_pyfunction!(sockets::recv, m)?)?;
     m.add_class::<transports::stream::StreamCore>()?;
+    // Datagram and pipe transports (udp.rs, pipe.rs).
+    m.add_class::<transports::udp::DatagramCore>()?;
+    m.add_class::<transports::pipe::ReadPipeCore>()?;
+    m.add_class::<transports::pipe::WritePipeCore>()?;
     fastcall::install(m.py())?;
     Ok(())
 }

@@ -83,3 +83,24 @@ def server_detach(server, transport):
 # 3.12 gave the socket transport its own writelines (one sendmsg, its own messages);
 # 3.11 inherits WriteTransport.writelines (join, then write).
 WRITELINES_SENDMSG = "writelines" in selector_events._SelectorSocketTransport.__dict__
+
+
+def _datagram_header_size():
+    # What asyncio's sendto adds to _buffer_size per queued datagram besides its length
+    # (8 from 3.13, and in later 3.12 patch releases): asked of asyncio's own sendto, with a
+    # non-empty buffer so that it only queues.
+    import collections
+
+    probe = object.__new__(selector_events._SelectorDatagramTransport)
+    probe.__dict__.update(
+        _address=None,
+        _conn_lost=0,
+        _buffer=collections.deque([(b"", None)]),
+        _buffer_size=0,
+        _maybe_pause_protocol=lambda: None,
+    )
+    selector_events._SelectorDatagramTransport.sendto(probe, b"x", ("127.0.0.1", 9))
+    return probe._buffer_size - 1
+
+
+DATAGRAM_HEADER_SIZE = _datagram_header_size()

@@ -1,7 +1,9 @@
 //! Write buffer, flow-control constants and byte views shared by the transports
 //! (asyncio's `transports._FlowControlMixin` and `selector_events._SelectorTransport._buffer`).
 
+pub mod pipe;
 pub mod stream;
+pub mod udp;
 
 use std::io;
 use std::os::unix::io::RawFd;
