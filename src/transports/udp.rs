@@ -274,12 +274,12 @@ fn read_ready(slf: &Bound<'_, DatagramCore>) -> PyResult<()> {
                 (d, a)
             }
             Err(e)
-                if e.is_instance_of::<PyBlockingIOError>(py)
-                    || e.is_instance_of::<PyInterruptedError>(py) =>
+                if e.value(py).is_instance_of::<PyBlockingIOError>()
+                    || e.value(py).is_instance_of::<PyInterruptedError>() =>
             {
                 return Ok(())
             }
-            Err(e) if e.is_instance_of::<PyOSError>(py) => {
+            Err(e) if e.value(py).is_instance_of::<PyOSError>() => {
                 protocol.call_method1(intern!(py, "error_received"), (e.into_value(py),))?;
                 return Ok(());
             }
@@ -371,12 +371,15 @@ fn sendto(
             _ => None,
         }
     };
+    // Normalised errors (a lazily built OSError does not know its subclass yet).
     let res: PyResult<()> = if connected {
-        send(fd, view.as_slice()).map(|_| ()).map_err(os_error)
+        send(fd, view.as_slice())
+            .map(|_| ())
+            .map_err(|e| PyErr::from_value(os_error(e).into_value(py).into_bound(py).into_any()))
     } else if let Some(raw) = raw {
         sendto_raw(fd, view.as_slice(), &raw)
             .map(|_| ())
-            .map_err(os_error)
+            .map_err(|e| PyErr::from_value(os_error(e).into_value(py).into_bound(py).into_any()))
     } else {
         let sock = slf.borrow().sock.clone_ref(py);
         sock.bind(py)
@@ -387,8 +390,8 @@ fn sendto(
     match res {
         Ok(()) => Ok(()),
         Err(e)
-            if e.is_instance_of::<PyBlockingIOError>(py)
-                || e.is_instance_of::<PyInterruptedError>(py) =>
+            if e.value(py).is_instance_of::<PyBlockingIOError>()
+                || e.value(py).is_instance_of::<PyInterruptedError>() =>
         {
             let (lp, cb) = (
                 slf.borrow().loop_.clone_ref(py),
@@ -399,7 +402,7 @@ fn sendto(
             transport.call_method1(intern!(py, "_queue_datagram"), (data, addr))?;
             Ok(())
         }
-        Err(e) if e.is_instance_of::<PyOSError>(py) => {
+        Err(e) if e.value(py).is_instance_of::<PyOSError>() => {
             let protocol = slf.borrow().protocol.clone_ref(py);
             protocol
                 .bind(py)
