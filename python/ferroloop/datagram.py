@@ -54,6 +54,8 @@ class _SelectorDatagramTransport(selector_events._SelectorDatagramTransport):
         )
         super().__init__(loop, sock, protocol, address, waiter, extra)
         self._core.connected = bool(self._extra["peername"])
+        # transport.sendto(...) calls the core directly: no Python frame per datagram.
+        self.sendto = self._core.sendto
 
     @property
     def _read_ready(self):
@@ -61,6 +63,8 @@ class _SelectorDatagramTransport(selector_events._SelectorDatagramTransport):
         return self._core
 
     def sendto(self, data, addr=None):
+        # Bound to the core's sendto on each instance; kept for callers that go through the
+        # class (and for help()).
         self._core.sendto(data, addr)
 
     def _queue_datagram(self, data, addr):

@@ -93,8 +93,12 @@ class _UnixWritePipeTransport(unix_events._UnixWritePipeTransport):
     def __init__(self, loop, pipe, protocol, waiter=None, extra=None):
         self._core = WritePipeCore(loop, self, pipe.fileno(), _asyncio_write)
         super().__init__(loop, pipe, protocol, waiter, extra)
+        # transport.write(...) calls the core directly: no Python frame per write.
+        self.write = self._core.write
 
     def write(self, data):
+        # Bound to the core's write on each instance; kept for callers that go through the
+        # class (and for help()).
         self._core.write(data)
 
     def _fatal_error(self, exc, message="Fatal error on pipe transport"):
