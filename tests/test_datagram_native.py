@@ -117,13 +117,14 @@ def test_sendto_queues_when_the_peer_is_full_and_flow_control(loop, connect):
     assert out["queued"][1] == 6 * first
     assert out["flow_when_full"] == ["pause"]
     assert out["flow"] == ["pause", "resume"]
-    assert out["size_after"] == 0
+    # 3.13 adds the 8 bytes per queued datagram but takes back only the data's length.
+    assert out["size_after"] == 6 * (first - 100)
     assert out["total"] == out["sent"]  # nothing lost, nothing duplicated
     assert out["tail"] == [b"y" * 100] * 5
     assert out["repr_tail"] == f"<polling, bufsize={6 * first}>>"
     assert out["errors"] == []
     ref = reference(lambda lp: _flow_control(lp, connect))
-    assert out["queued"] == ref["queued"]
+    assert (out["queued"], out["size_after"]) == (ref["queued"], ref["size_after"])
 
 
 async def _many_senders(loop):
