@@ -315,3 +315,24 @@ def test_no_fd_leaks(loop):
     before = open_fds()
     run(loop, main())
     assert open_fds() - before == set()
+
+
+def test_read_pipe_eio_in_debug_mode_logs_the_exception(loop, caplog):
+    async def main():
+        master, slave = os.openpty()
+        _tr, proto = await loop.connect_read_pipe(
+            lambda: Recorder(loop), os.fdopen(master, "rb", 0)
+        )
+        os.write(slave, b"x\n")
+        await proto.got.get()
+        os.close(slave)
+        return await proto.lost
+
+    loop.set_debug(True)
+    with caplog.at_level(logging.DEBUG, logger="asyncio"):
+        exc = run(loop, main())
+    records = [r for r in caplog.records if "Fatal read error on pipe transport" in r.getMessage()]
+    assert len(records) == 1
+    assert records[0].levelno == logging.DEBUG
+    assert records[0].exc_info[1] is exc
+    assert records[0].getMessage().startswith("<_UnixReadPipeTransport ")
