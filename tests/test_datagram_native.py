@@ -381,3 +381,30 @@ def test_no_fd_leaks(loop):
     before = open_fds()
     run(loop, main())
     assert open_fds() - before == set()
+
+
+def test_keyboard_interrupt_in_datagram_received_propagates(loop):
+    class Interrupting(DatagramRecorder):
+        def datagram_received(self, data, addr):
+            super().datagram_received(data, addr)
+            if data == b"stop":
+                raise KeyboardInterrupt
+
+    async def start():
+        return await loop.create_datagram_endpoint(lambda: Interrupting(loop), local_addr=(HOST, 0))
+
+    tr, proto = run(loop, start())
+    addr = tr.get_extra_info("sockname")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+        c.sendto(b"stop", addr)
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_forever()
+        c.sendto(b"after", addr)  # the endpoint still works
+
+        async def rest():
+            await proto.got.get()
+            return await proto.got.get()
+
+        assert run(loop, rest())[0] == b"after"
+    tr.close()
+    run(loop, proto.lost)
