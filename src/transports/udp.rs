@@ -179,7 +179,7 @@ fn address_object<'py>(py: Python<'py>, addr: &RawAddr) -> PyResult<Bound<'py, P
                 Bound::from_owned_ptr_or_err(py, obj)
             }
         }
-        _ => Err(PyOSError::new_err("unsupported address family")),
+        _ => Err(os_error(io::Error::from_raw_os_error(libc::EAFNOSUPPORT))),
     }
 }
 
