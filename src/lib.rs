@@ -12,6 +12,7 @@ mod reactor;
 mod sockets;
 mod task;
 mod timers;
+mod transports;
 mod wait;
 
 #[pymodule]
@@ -35,6 +36,11 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gather::shield, m)?)?;
     task::install(m.py());
     task::remember_factory(m.py(), m.getattr("task_factory")?);
+    m.add_class::<transports::stream::StreamCore>()?;
+    // Datagram and pipe transports (udp.rs, pipe.rs).
+    m.add_class::<transports::udp::DatagramCore>()?;
+    m.add_class::<transports::pipe::ReadPipeCore>()?;
+    m.add_class::<transports::pipe::WritePipeCore>()?;
     fastcall::install(m.py())?;
     Ok(())
 }

@@ -21,16 +21,32 @@ thread_local! {
 /// the OSError `socket.recv` raises (BlockingIOError when nothing is there).
 #[pyfunction]
 pub fn recv<'py>(py: Python<'py>, fd: i32, max_size: usize) -> PyResult<Bound<'py, PyBytes>> {
+    recv_bytes(py, fd, max_size).map_err(os_error)
+}
+
+/// The read behind `recv` and the native stream transport: up to `max_size` bytes through
+/// the thread's reusable buffer, copied into a `bytes` of exactly the size received.
+pub fn recv_bytes<'py>(
+    py: Python<'py>,
+    fd: i32,
+    max_size: usize,
+) -> std::io::Result<Bound<'py, PyBytes>> {
     BUFFER.with(|cell| {
         let mut buf = cell.borrow_mut();
         if buf.len() < max_size {
             buf.resize(max_size, 0);
         }
-        // SAFETY: the buffer is valid for max_size bytes; recv writes at most that many.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), max_size, 0) };
-        if n < 0 {
-            return Err(os_error(std::io::Error::last_os_error()));
-        }
-        Ok(PyBytes::new(py, &buf[..n as usize]))
+        let n = loop {
+            // SAFETY: the buffer is valid for max_size bytes; recv writes at most that many.
+            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), max_size, 0) };
+            if n >= 0 {
+                break n as usize;
+            }
+            let err = std::io::Error::last_os_error();
+            if err.kind() != std::io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        };
+        Ok(PyBytes::new(py, &buf[..n]))
     })
 }

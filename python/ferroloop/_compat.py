@@ -7,7 +7,7 @@ decided below.
 
 import inspect
 import sys
-from asyncio import base_events, format_helpers, tasks
+from asyncio import base_events, format_helpers, selector_events, tasks
 
 # 3.13 split run_forever into _run_forever_setup/_run_forever_cleanup (and
 # BaseEventLoop.__init__ gained _old_agen_hooks); older versions inline them.
@@ -126,3 +126,50 @@ class TASK_COMPAT:  # read by the native Task (src/task.rs)
             finally:
                 if not task.done():
                     tasks._register_task(task)
+
+
+# 3.13's Server tracks its transports: _attach(transport)/_detach(transport), and a transport's
+# __del__ detaches itself (3.11/3.12: _attach()/_detach() count them).
+SERVER_TRACKS_TRANSPORTS = len(inspect.signature(base_events.Server._attach).parameters) > 1
+
+
+def server_attach(server, transport):
+    """Server._attach as the running Python calls it."""
+    if SERVER_TRACKS_TRANSPORTS:
+        server._attach(transport)
+    else:
+        server._attach()
+
+
+def server_detach(server, transport):
+    """Server._detach as the running Python calls it."""
+    if SERVER_TRACKS_TRANSPORTS:
+        server._detach(transport)
+    else:
+        server._detach()
+
+
+# 3.12 gave the socket transport its own writelines (one sendmsg, its own messages);
+# 3.11 inherits WriteTransport.writelines (join, then write).
+WRITELINES_SENDMSG = "writelines" in selector_events._SelectorSocketTransport.__dict__
+
+
+def _datagram_header_size():
+    # What asyncio's sendto adds to _buffer_size per queued datagram besides its length
+    # (8 from 3.13, and in later 3.12 patch releases): asked of asyncio's own sendto, with a
+    # non-empty buffer so that it only queues.
+    import collections
+
+    probe = object.__new__(selector_events._SelectorDatagramTransport)
+    probe.__dict__.update(
+        _address=None,
+        _conn_lost=0,
+        _buffer=collections.deque([(b"", None)]),
+        _buffer_size=0,
+        _maybe_pause_protocol=lambda: None,
+    )
+    selector_events._SelectorDatagramTransport.sendto(probe, b"x", ("127.0.0.1", 9))
+    return probe._buffer_size - 1
+
+
+DATAGRAM_HEADER_SIZE = _datagram_header_size()

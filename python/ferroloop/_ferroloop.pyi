@@ -26,6 +26,44 @@ class TimerHandle(Handle):
     _when: float
     _scheduled: bool
 
+# Datagram and pipe transport cores (ferroloop.datagram, ferroloop.pipes).
+
+class DatagramCore:
+    _protocol: Any
+    _conn_lost: int
+    _buffer: Any
+    _address: Any
+    connected: bool
+    def __init__(
+        self,
+        loop: Any,
+        transport: Any,
+        sock: Any,
+        fd: int,
+        max_size: int,
+        native_family: bool,
+        py_sendto: Callable[..., Any],
+    ) -> None: ...
+    def sendto(self, data: Any, addr: Any = None) -> None: ...
+    def __call__(self) -> None: ...
+    def _detach(self) -> None: ...
+
+class ReadPipeCore:
+    _protocol: Any
+    def __init__(self, transport: Any, fd: int, max_size: int) -> None: ...
+    def __call__(self) -> None: ...
+    def _detach(self) -> None: ...
+
+class WritePipeCore:
+    _buffer: bytearray
+    _conn_lost: int
+    _closing: bool
+    def __init__(
+        self, loop: Any, transport: Any, fd: int, py_write: Callable[..., Any]
+    ) -> None: ...
+    def write(self, data: Any) -> None: ...
+    def _detach(self) -> None: ...
+
 class EventLoop:
     slow_callback_duration: float
     native_tasks: bool

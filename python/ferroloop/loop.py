@@ -18,7 +18,7 @@ import threading
 import weakref
 from asyncio import base_events, constants, events, tasks, unix_events
 
-from . import _compat, sslproto, transports
+from . import _compat, datagram, pipes, sslproto, transports
 from . import nested as _nested
 from ._ferroloop import EventLoop as _NativeLoop
 from ._ferroloop import Handle as _NativeHandle
@@ -160,7 +160,14 @@ class Loop(_NativeLoop, unix_events.SelectorEventLoop, metaclass=_nested.LoopTyp
     def _make_datagram_transport(self, sock, protocol, address=None, waiter=None, extra=None):
         if _compat.MAKE_TRANSPORT_CHECKS_FD:
             self._ensure_fd_no_transport(sock)
-        return transports.DatagramTransport(self, sock, protocol, address, waiter, extra)
+        return datagram._SelectorDatagramTransport(self, sock, protocol, address, waiter, extra)
+
+    # Pipe transports with native hot paths (pipes.py).
+    def _make_read_pipe_transport(self, pipe, protocol, waiter=None, extra=None):
+        return pipes._UnixReadPipeTransport(self, pipe, protocol, waiter, extra)
+
+    def _make_write_pipe_transport(self, pipe, protocol, waiter=None, extra=None):
+        return pipes._UnixWritePipeTransport(self, pipe, protocol, waiter, extra)
 
     async def getaddrinfo(self, host, port, *, family=0, type=0, proto=0, flags=0):
         # A numeric host and port need no name service: answer on the loop thread instead
