@@ -1755,28 +1755,15 @@ def _subclass_calls(lp, base):
     return out
 
 
-def test_subclass_methods_are_called_by_awaiting_tasks(request, tloop, task_kind):
+def test_subclass_methods_are_called_by_awaiting_tasks(tloop, task_kind):
     """asyncio's Task takes its fast paths for exact Futures/Tasks only; for a subclass it
     calls the (possibly overridden) methods: get_loop, add_done_callback, result, cancel."""
-    xfail_for_ferroloop(
-        request,
-        task_kind,
-        "ferroloop.Task's step/wakeup/cancel use the native fast path for any instance of "
-        "ferroloop.Task, subclasses included (cast::<Task>, not an exact-type check): a "
-        "subclass's overridden get_loop/add_done_callback/result/cancel are never called",
-    )
     got = _subclass_calls(tloop, task_class(task_kind))
     assert got == _subclass_calls(tloop, asyncio.Task)
     assert "cancel" in got["cancelled through its awaiter"]
 
 
-def test_subclass_cancel_override_is_called_through_the_awaiter(request, tloop, task_kind):
-    xfail_for_ferroloop(
-        request,
-        task_kind,
-        "cancelling a ferroloop.Task that awaits a ferroloop.Task subclass cancels it "
-        "natively, bypassing the subclass's cancel() override",
-    )
+def test_subclass_cancel_override_is_called_through_the_awaiter(tloop, task_kind):
     overridden = []
 
     class Guarded(task_class(task_kind)):
@@ -1872,20 +1859,13 @@ os._exit(0)  # no teardown of the chain: only the cancel() is under test
 """
 
 
-def test_cancelling_a_very_deep_chain_of_tasks_does_not_crash(request, loop_kind, task_kind):
+def test_cancelling_a_very_deep_chain_of_tasks_does_not_crash(loop_kind, task_kind):
     """Task N awaits task N-1 ... awaits a future; cancel task N. asyncio's Task cancels
     the awaited task through a method call and stops with RecursionError; the process must
     never crash (run in a child process, since a crash would take pytest down)."""
     import os
     import subprocess
 
-    xfail_for_ferroloop(
-        request,
-        task_kind,
-        "ferroloop.Task.cancel() recurses natively (task_cancel -> cancel_future -> "
-        "task_cancel ...) with no recursion check: a chain of ~50k tasks awaiting each "
-        "other overflows the C stack (SIGSEGV) where asyncio raises RecursionError",
-    )
     here = os.path.dirname(os.path.abspath(__file__))
     paths = [here, *(p for p in sys.path if p)]
     script = _DEEP_CANCEL_SCRIPT.format(
@@ -2664,7 +2644,10 @@ class DuckFuture:
         return self._state == "CANCELLED"
 
     def add_done_callback(self, fn, *, context=None):
-        self._callbacks.append((fn, context))
+        if self.done():
+            self._loop.call_soon(fn, self, context=context)
+        else:
+            self._callbacks.append((fn, context))
 
     def remove_done_callback(self, fn):
         before = len(self._callbacks)

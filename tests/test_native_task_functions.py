@@ -1028,17 +1028,8 @@ def _functions_subclass_calls(lp, base, fns):
     return out
 
 
-def test_functions_call_the_methods_of_task_subclasses(request, tloop, task_kind, fn_kind, F):
+def test_functions_call_the_methods_of_task_subclasses(tloop, task_kind, F):
     """asyncio's wait/gather/shield call a child's methods, so a subclass's overrides run."""
-    if task_kind == "ferroloop" and fn_kind == "ferroloop":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="ferroloop's native wait/gather/shield treat any ferroloop.Task "
-                "instance, subclasses included, natively: a subclass's overridden "
-                "add_done_callback/get_loop/result/exception/cancel are not called",
-            )
-        )
     cls = asyncio.Task if task_kind == "asyncio" else import_ferroloop().Task
     got = _functions_subclass_calls(tloop, cls, F)
     assert got == _functions_subclass_calls(tloop, asyncio.Task, ORACLE)
@@ -1557,3 +1548,27 @@ def test_random_scenarios_on_uvloop(task_kind_, F):
             assert got == oracle, f"seed {seed}: {scenario}"
     finally:
         lp.close()
+
+
+def test_functions_with_duck_typed_futures(tloop, F):
+    from test_native_task import DuckFuture
+
+    def scenario(fns):
+        async def main():
+            a, b = DuckFuture(tloop), DuckFuture(tloop)
+            tloop.call_soon(a.set_result, "a")
+            done, pending = await fns.wait([a, b], return_when=asyncio.FIRST_COMPLETED)
+            tloop.call_soon(b.set_result, "b")
+            g = await fns.gather(a, b)
+            c = DuckFuture(tloop)
+            s = fns.shield(c)
+            s.cancel()
+            err = await aerror_of(s)
+            c.set_result("c")
+            return (done == {a}, pending == {b}, g, err[0], c.cancel_calls, b.cancel_calls)
+
+        return run(tloop, main())
+
+    got = scenario(F)
+    assert got == scenario(ORACLE)
+    assert got[:3] == (True, True, ["a", "b"])
