@@ -31,17 +31,94 @@ _AGAIN = sslproto.SSLAgainErrors
 def _native(sslobj):
     # ssl.SSLObject's read/write/pending are Python methods that call the same methods of
     # its C object (ssl.py, 3.11-3.13): call those directly.
-    return getattr(sslobj, "_sslobj", sslobj)
+    try:
+        return sslobj._sslobj
+    except AttributeError:
+        return sslobj
+
+
+class _AppTransport(sslproto._SSLProtocolTransport):
+    """asyncio's transport of the application side, writing without an extra step."""
+
+    def write(self, data):
+        """Write some data bytes to the transport (asyncio's checks and semantics)."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data: expecting a bytes-like instance, got {type(data).__name__}")
+        if not data:
+            return
+        proto = self._ssl_protocol
+        if proto._state is _WRAPPED:
+            proto._write_backlog.append(data)
+            proto._write_buffer_size += len(data)
+            try:
+                proto._do_write()
+            except Exception as ex:  # noqa: BLE001 (asyncio: any error is fatal here)
+                proto._fatal_error(ex, "Fatal error on SSL protocol")
+        else:
+            proto._write_appdata((data,))
 
 
 class SSLProtocol(sslproto.SSLProtocol):
     """asyncio's SSLProtocol with the WRAPPED-state data path in fewer steps."""
 
+    def _get_app_transport(self):
+        if self._app_transport is None:
+            if self._app_transport_created:
+                raise RuntimeError("Creating _SSLProtocolTransport twice")
+            self._app_transport = _AppTransport(self._loop, self)
+            self._app_transport_created = True
+        return self._app_transport
+
     def buffer_updated(self, nbytes):
-        self._incoming.write(self._ssl_buffer_view[:nbytes])
+        incoming = self._incoming
+        incoming.write(self._ssl_buffer_view[:nbytes])
         state = self._state
         if state is _WRAPPED:
-            self._do_read()
+            if self._app_protocol_is_buffer or self._app_reading_paused:
+                self._do_read()
+                return
+            # _do_read with _read_copied in line: the path of every record.
+            try:
+                sslobj = _native(self._sslobj)
+                max_size = self.max_size
+                chunk = b"1"
+                data = None
+                try:
+                    while True:
+                        chunk = sslobj.read(max_size)
+                        if not chunk:
+                            break
+                        if data is None:
+                            data = chunk
+                        elif type(data) is list:
+                            data.append(chunk)
+                        else:
+                            data = [data, chunk]
+                        if not incoming.pending and not sslobj.pending():
+                            break
+                except _AGAIN:
+                    pass
+                if data is not None:
+                    self._app_protocol.data_received(
+                        data if type(data) is not list else b"".join(data)
+                    )
+                if not chunk:
+                    # close_notify
+                    self._call_eof_received()
+                    self._start_shutdown()
+                if self._write_backlog:
+                    self._do_write()
+                elif self._outgoing.pending or self._app_writing_paused:
+                    self._flush_outgoing()
+                size = incoming.pending
+                if size >= self._incoming_high_water and not self._ssl_reading_paused:
+                    self._ssl_reading_paused = True
+                    self._transport.pause_reading()
+                elif size <= self._incoming_low_water and self._ssl_reading_paused:
+                    self._ssl_reading_paused = False
+                    self._transport.resume_reading()
+            except Exception as ex:  # noqa: BLE001 (asyncio: any error is fatal here)
+                self._fatal_error(ex, "Fatal error on SSL protocol")
         elif state is _DO_HANDSHAKE:
             self._do_handshake()
         elif state is _FLUSHING:
@@ -58,7 +135,9 @@ class SSLProtocol(sslproto.SSLProtocol):
                 self._read_copied()
                 if self._write_backlog:
                     self._do_write()
-                else:
+                elif self._outgoing.pending or self._app_writing_paused:
+                    # (else there is nothing to send, and with no backlog the write
+                    # buffer is empty: no flow-control change either)
                     self._flush_outgoing()
             # asyncio's _control_ssl_reading
             size = self._incoming.pending
