@@ -1154,7 +1154,7 @@ def main():
 
     machine = machine_info()
     progress(f"{machine['date']}: {machine['python']}, {machine['nproc']} CPUs ({machine['cpu']})")
-    versions, unavailable = probe_loops(loops, 60)
+    versions, unavailable, _ = probe_loops(loops, 60)
     for name, why in unavailable.items():
         progress(f"{name}: not run: {why}")
     runnable = [name for name in loops if name in versions]
