@@ -17,7 +17,7 @@ import socket
 import sys
 import threading
 import weakref
-from asyncio import base_events, events, unix_events
+from asyncio import base_events, constants, events, sslproto, unix_events
 
 from . import _compat, transports
 from . import nested as _nested
@@ -115,6 +115,37 @@ class Loop(_NativeLoop, unix_events.SelectorEventLoop, metaclass=_nested.LoopTyp
         if _compat.MAKE_TRANSPORT_CHECKS_FD:
             self._ensure_fd_no_transport(sock)
         return transports.SocketTransport(self, sock, protocol, waiter, extra, server)
+
+    def _make_ssl_transport(
+        self,
+        rawsock,
+        protocol,
+        sslcontext,
+        waiter=None,
+        *,
+        server_side=False,
+        server_hostname=None,
+        extra=None,
+        server=None,
+        ssl_handshake_timeout=constants.SSL_HANDSHAKE_TIMEOUT,
+        ssl_shutdown_timeout=constants.SSL_SHUTDOWN_TIMEOUT,
+    ):
+        # asyncio's method (same in 3.11-3.13 but for the fd check), over the native stream
+        # transport: asyncio's builds its own transport class directly.
+        if _compat.MAKE_TRANSPORT_CHECKS_FD:
+            self._ensure_fd_no_transport(rawsock)
+        ssl_protocol = sslproto.SSLProtocol(
+            self,
+            protocol,
+            sslcontext,
+            waiter,
+            server_side,
+            server_hostname,
+            ssl_handshake_timeout=ssl_handshake_timeout,
+            ssl_shutdown_timeout=ssl_shutdown_timeout,
+        )
+        transports.SocketTransport(self, rawsock, ssl_protocol, extra=extra, server=server)
+        return ssl_protocol._app_transport
 
     def _make_datagram_transport(self, sock, protocol, address=None, waiter=None, extra=None):
         if _compat.MAKE_TRANSPORT_CHECKS_FD:
