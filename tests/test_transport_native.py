@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import warnings
 from asyncio import trsock
 
@@ -692,5 +693,53 @@ def test_sock_recv_blocking_socket_in_debug_mode(loop):
             loop.set_debug(False)
             a.close()
             b.close()
+
+    run(loop, main())
+
+
+# ---------------------------------------------------------------------------------------------
+# documented differences (README, "Differences from asyncio"): asyncio 3.11 behaves as
+# ferroloop does on every version; asyncio 3.12+ differs, so it is skipped there
+
+
+def skip_asyncio_312(loop_kind):
+    if loop_kind == "asyncio" and sys.version_info >= (3, 12):
+        pytest.skip("asyncio 3.12+ differs here (README, Differences from asyncio)")
+
+
+def test_write_copies_what_it_queues(loop, loop_kind):
+    skip_asyncio_312(loop_kind)
+
+    async def main():
+        proto = Rec(loop)
+        tr, peer = await connect(loop, proto)
+        fill_sndbuf(tr.get_extra_info("socket"))
+        data = bytearray(b"a" * (512 * 1024))
+        tr.write(data)
+        assert tr.get_write_buffer_size() > 0
+        data[:] = b"b" * len(data)  # changing it afterwards changes nothing that is sent
+        got = await read_exactly(loop, peer, len(data))
+        assert got == b"a" * len(data)
+        tr.close()
+        await proto.lost
+        peer.close()
+
+    run(loop, main())
+
+
+def test_writelines_after_close_is_counted_like_write(loop, loop_kind, caplog):
+    skip_asyncio_312(loop_kind)
+
+    async def main():
+        proto = Rec(loop)
+        tr, peer = await connect(loop, proto)
+        tr.close()
+        await proto.lost
+        with caplog.at_level(logging.WARNING, logger="asyncio"):
+            for _ in range(6):
+                tr.writelines([b"late", b"r"])
+        warned = [r for r in caplog.records if r.getMessage() == "socket.send() raised exception."]
+        assert len(warned) == 2
+        peer.close()
 
     run(loop, main())
