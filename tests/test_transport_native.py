@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import warnings
 from asyncio import trsock
 
@@ -619,3 +620,126 @@ def test_no_fd_leak(loop):
     gc.collect()
     run_briefly(loop, 2)
     assert fd_count() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# loop.sock_recv (native read on ferroloop)
+
+
+def test_sock_recv_sizes_eof_and_errors(loop):
+    async def main():
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.sendall(b"0123456789")
+        assert await loop.sock_recv(a, 4) == b"0123"
+        assert await loop.sock_recv(a, 0) == b""
+        assert await loop.sock_recv(a, 2 * 1024 * 1024) == b"456789"  # above the native cap
+        with pytest.raises(ValueError):
+            await loop.sock_recv(a, -1)
+        with pytest.raises(TypeError):
+            await loop.sock_recv(a, 1.5)
+        b.close()
+        assert await loop.sock_recv(a, 100) == b""
+        a.close()
+        with pytest.raises(OSError):
+            await loop.sock_recv(a, 100)
+
+    run(loop, main())
+
+
+def test_sock_recv_waits_then_gets_data(loop):
+    async def main():
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        task = asyncio.ensure_future(loop.sock_recv(a, 256 * 1024))
+        await turns()
+        assert not task.done()
+        b.sendall(b"late")
+        assert await task == b"late"
+        a.close()
+        b.close()
+
+    run(loop, main())
+
+
+def test_sock_recv_cancelled_leaves_data_for_the_next_read(loop):
+    async def main():
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        task = asyncio.ensure_future(loop.sock_recv(a, 1024))
+        await turns()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await turns()
+        assert not loop.remove_reader(a.fileno())  # the cancelled read unregistered itself
+        b.sendall(b"kept")
+        await turns()
+        assert await loop.sock_recv(a, 1024) == b"kept"
+        a.close()
+        b.close()
+
+    run(loop, main())
+
+
+def test_sock_recv_blocking_socket_in_debug_mode(loop):
+    async def main():
+        a, b = socket.socketpair()
+        loop.set_debug(True)
+        try:
+            with pytest.raises(ValueError, match="the socket must be non-blocking"):
+                await loop.sock_recv(a, 10)
+        finally:
+            loop.set_debug(False)
+            a.close()
+            b.close()
+
+    run(loop, main())
+
+
+# ---------------------------------------------------------------------------------------------
+# documented differences (README, "Differences from asyncio"): asyncio 3.11 behaves as
+# ferroloop does on every version; asyncio 3.12+ differs, so it is skipped there
+
+
+def skip_asyncio_312(loop_kind):
+    if loop_kind == "asyncio" and sys.version_info >= (3, 12):
+        pytest.skip("asyncio 3.12+ differs here (README, Differences from asyncio)")
+
+
+def test_write_copies_what_it_queues(loop, loop_kind):
+    skip_asyncio_312(loop_kind)
+
+    async def main():
+        proto = Rec(loop)
+        tr, peer = await connect(loop, proto)
+        fill_sndbuf(tr.get_extra_info("socket"))
+        data = bytearray(b"a" * (512 * 1024))
+        tr.write(data)
+        assert tr.get_write_buffer_size() > 0
+        data[:] = b"b" * len(data)  # changing it afterwards changes nothing that is sent
+        got = await read_exactly(loop, peer, len(data))
+        assert got == b"a" * len(data)
+        tr.close()
+        await proto.lost
+        peer.close()
+
+    run(loop, main())
+
+
+def test_writelines_after_close_is_counted_like_write(loop, loop_kind, caplog):
+    skip_asyncio_312(loop_kind)
+
+    async def main():
+        proto = Rec(loop)
+        tr, peer = await connect(loop, proto)
+        tr.close()
+        await proto.lost
+        with caplog.at_level(logging.WARNING, logger="asyncio"):
+            for _ in range(6):
+                tr.writelines([b"late", b"r"])
+        warned = [r for r in caplog.records if r.getMessage() == "socket.send() raised exception."]
+        assert len(warned) == 2
+        peer.close()
+
+    run(loop, main())

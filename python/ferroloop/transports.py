@@ -119,11 +119,12 @@ class _SelectorSocketTransport(transports._FlowControlMixin, transports.Transpor
                 self._extra["peername"] = None
         else:
             self._extra["peername"] = _shared_host(self._extra["peername"])
-        self._sock = sock
         self._sock_fd = sock.fileno()
         self._core = core = StreamCore(
             loop, self, self._sock_fd, protocol, self.max_size, _compat.WRITELINES_SENDMSG
         )
+        # Set once the core exists: __del__ and __repr__ read the core when _sock is set.
+        self._sock = sock
         self._server = server
         if server is not None:
             _compat.server_attach(server, self)
