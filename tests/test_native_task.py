@@ -41,9 +41,13 @@ def task_kind(request):
 
 @pytest.fixture
 def tloop(loop, task_kind):
-    """The ``loop`` fixture, its task factory set to ferroloop's for the "ferroloop" kind."""
+    """The ``loop`` fixture, its task factory set to ferroloop's for the "ferroloop" kind,
+    and making asyncio's Task for the "asyncio" kind (a ferroloop loop's default is
+    ferroloop.Task: README "Differences from asyncio")."""
     if task_kind == "ferroloop":
         loop.set_task_factory(import_ferroloop().task_factory)
+    elif hasattr(loop, "native_tasks"):
+        loop.native_tasks = False
     return loop
 
 
@@ -1256,6 +1260,8 @@ def test_await_a_task_of_another_loop(tloop, loop_kind, task_kind):
     try:
         if task_kind == "ferroloop":
             other.set_task_factory(import_ferroloop().task_factory)
+        elif hasattr(other, "native_tasks"):
+            other.native_tasks = False
         foreign = other.create_task(value(1))
 
         async def body():
@@ -1485,6 +1491,10 @@ def test_pending_tasks_cancelled_by_asyncio_run(asyncio_state, task_kind):
     async def main():
         if task_kind == "ferroloop":
             asyncio.get_running_loop().set_task_factory(import_ferroloop().task_factory)
+        else:
+            _lp = asyncio.get_running_loop()
+            if hasattr(_lp, "native_tasks"):
+                _lp.native_tasks = False
         t = asyncio.create_task(background())
         await asyncio.sleep(0)
         events.append(type(t) is task_class(task_kind))
@@ -1969,6 +1979,8 @@ def test_runner_turns_sigint_into_keyboard_interrupt(loop_kind, task_kind):
         lp = new_loop(loop_kind)
         if task_kind == "ferroloop":
             lp.set_task_factory(import_ferroloop().task_factory)
+        elif hasattr(lp, "native_tasks"):
+            lp.native_tasks = False
         return lp
 
     async def main():
@@ -2347,6 +2359,8 @@ def test_loops_in_two_threads(loop_kind, task_kind):
         lp = new_loop(loop_kind)
         if task_kind == "ferroloop":
             lp.set_task_factory(import_ferroloop().task_factory)
+        elif hasattr(lp, "native_tasks"):
+            lp.native_tasks = False
 
         async def body(i):
             me = asyncio.current_task()

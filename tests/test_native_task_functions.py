@@ -30,9 +30,13 @@ def task_kind(request):
 
 @pytest.fixture
 def tloop(loop, task_kind):
-    """The ``loop`` fixture, its task factory set to ferroloop's for the "ferroloop" kind."""
+    """The ``loop`` fixture, its task factory set to ferroloop's for the "ferroloop" kind,
+    and making asyncio's Task for the "asyncio" kind (a ferroloop loop's default is
+    ferroloop.Task: README "Differences from asyncio")."""
     if task_kind == "ferroloop":
         loop.set_task_factory(import_ferroloop().task_factory)
+    elif hasattr(loop, "native_tasks"):
+        loop.native_tasks = False
     return loop
 
 
@@ -703,6 +707,10 @@ def test_functions_under_asyncio_run(asyncio_state, task_kind, F):
     async def main():
         if task_kind == "ferroloop":
             asyncio.get_running_loop().set_task_factory(import_ferroloop().task_factory)
+        else:
+            _lp = asyncio.get_running_loop()
+            if hasattr(_lp, "native_tasks"):
+                _lp.native_tasks = False
         a = asyncio.create_task(value("a"))
         done, _ = await F.wait([a])
         g = await F.gather(a, value("b"))
@@ -1541,6 +1549,8 @@ def test_random_scenarios_on_uvloop(task_kind_, F):
     try:
         if task_kind_ == "ferroloop":
             lp.set_task_factory(import_ferroloop().task_factory)
+        elif hasattr(lp, "native_tasks"):
+            lp.native_tasks = False
         for seed in range(140, 170):
             scenario = _random_scenario(seed)
             got = _interpret(lp, scenario, lp.create_task, F)

@@ -5,6 +5,7 @@ import asyncio
 import contextvars
 import sys
 
+import ferroloop
 import pytest
 
 PY311 = sys.version_info >= (3, 11)
@@ -437,12 +438,54 @@ def test_sleep_returns_the_result(loop):
 # -- create_task: names, contexts, factories -------------------------------------------
 
 
-def test_create_task_returns_an_asyncio_task(loop):
+def test_create_task_returns_the_loop_s_task(loop):
+    # ferroloop loops make ferroloop.Task by default (README "Differences from asyncio").
+    expected = ferroloop.Task if isinstance(loop, ferroloop.Loop) else asyncio.Task
+
     async def main():
         task = loop.create_task(value_after(1))
-        return isinstance(task, asyncio.Task), task.get_loop() is loop, await task
+        return type(task), asyncio.isfuture(task), task.get_loop() is loop, await task
 
-    assert loop.run_until_complete(main()) == (True, True, 1)
+    assert loop.run_until_complete(main()) == (expected, True, True, 1)
+
+
+@pytest.mark.parametrize("how", ["constructor", "attribute", "environment"])
+def test_native_tasks_off_gives_asyncio_tasks(how, monkeypatch):
+    if how == "environment":
+        monkeypatch.setenv("FERROLOOP_TASKS", "asyncio")
+        loop = ferroloop.new_event_loop()
+    elif how == "constructor":
+        loop = ferroloop.Loop(native_tasks=False)
+    else:
+        loop = ferroloop.new_event_loop()
+        loop.native_tasks = False
+    try:
+        assert loop.native_tasks is False
+
+        async def main():
+            return type(asyncio.current_task()), type(loop.create_task(value_after(1)))
+
+        assert loop.run_until_complete(main()) == (asyncio.Task, asyncio.Task)
+    finally:
+        loop.close()
+
+
+def test_task_factory_wins_over_native_tasks():
+    loop = ferroloop.new_event_loop()
+    try:
+        assert loop.native_tasks is True
+
+        def factory(loop, coro, **kwargs):
+            return asyncio.Task(coro, loop=loop, **kwargs)
+
+        loop.set_task_factory(factory)
+
+        async def main():
+            return type(loop.create_task(value_after(1)))
+
+        assert loop.run_until_complete(main()) is asyncio.Task
+    finally:
+        loop.close()
 
 
 def test_create_task_name(loop):

@@ -62,7 +62,7 @@ def _is_numeric_port(port):
 
 # What create_task makes on a ferroloop loop without a task factory: ferroloop's native
 # Task, or asyncio's (FERROLOOP_TASKS=asyncio, or Loop(native_tasks=False)).
-NATIVE_TASKS_DEFAULT = False
+NATIVE_TASKS_DEFAULT = True
 
 
 def default_native_tasks():
