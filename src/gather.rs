@@ -79,6 +79,12 @@ pub struct GatherState {
 
 #[pymethods]
 impl GatherState {
+    /// As asyncio's closure: future reprs show `cb=[gather.<locals>._done_callback()]`.
+    #[getter]
+    fn __qualname__(&self) -> &'static str {
+        "gather.<locals>._done_callback"
+    }
+
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         visit.call(&self.outer)?;
         for c in &self.children {
@@ -168,10 +174,35 @@ impl GatherState {
     }
 }
 
-/// `gather(*coros_or_futures, return_exceptions=...)` for a non-empty argument tuple (the
-/// empty case needs the running Python's loop lookup and stays in Python).
+/// `gather(*coros_or_futures, return_exceptions=False)`: asyncio's `gather`. Run the
+/// awaitables concurrently; a future for the list of their results, in order.
+///
+/// Called without a Python frame of ferroloop's, so asyncio's "no current event loop"
+/// warnings name the caller's line as with asyncio's own `gather`.
 #[pyfunction]
+#[pyo3(signature = (*coros_or_futures, return_exceptions=None))]
 pub fn gather<'py>(
+    py: Python<'py>,
+    coros_or_futures: &Bound<'py, PyTuple>,
+    return_exceptions: Option<Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let return_exceptions = match return_exceptions {
+        Some(v) => v.is_truthy()?,
+        None => false,
+    };
+    if coros_or_futures.is_empty() {
+        let loop_ = compat(py)?
+            .getattr(intern!(py, "gather_empty_loop"))?
+            .call0()?;
+        let outer = loop_.call_method0(intern!(py, "create_future"))?;
+        outer.call_method1(intern!(py, "set_result"), (PyList::empty(py),))?;
+        return Ok(outer);
+    }
+    gather_children(py, coros_or_futures, return_exceptions)
+}
+
+/// `gather` for a non-empty argument tuple.
+fn gather_children<'py>(
     py: Python<'py>,
     args: &Bound<'py, PyTuple>,
     return_exceptions: bool,
@@ -238,6 +269,12 @@ pub struct ShieldInner {
 
 #[pymethods]
 impl ShieldInner {
+    /// As asyncio's closure: future reprs show `cb=[shield.<locals>._inner_done_callback()]`.
+    #[getter]
+    fn __qualname__(&self) -> &'static str {
+        "shield.<locals>._inner_done_callback"
+    }
+
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         visit.call(&self.outer)
     }
@@ -278,6 +315,12 @@ pub struct ShieldOuter {
 
 #[pymethods]
 impl ShieldOuter {
+    /// As asyncio's closure: future reprs show `cb=[shield.<locals>._outer_done_callback()]`.
+    #[getter]
+    fn __qualname__(&self) -> &'static str {
+        "shield.<locals>._outer_done_callback"
+    }
+
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         visit.call(&self.inner)?;
         if let Some(cb) = &self.inner_callback {
@@ -302,7 +345,8 @@ impl ShieldOuter {
     }
 }
 
-/// `shield(arg)`: asyncio's, with native callbacks.
+/// `shield(arg)`: asyncio's `shield`. Protect an awaitable from being cancelled: the result
+/// is a future that follows `arg`, whose cancellation does not reach `arg`.
 #[pyfunction]
 pub fn shield<'py>(arg: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
     let py = arg.py();

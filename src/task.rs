@@ -44,11 +44,13 @@ enum DoneCallback {
 type CallbackEntry = (Py<PyAny>, Option<Py<PyAny>>);
 
 /// A coroutine wrapped in a future (asyncio's `Task`).
-#[pyclass(weakref, subclass, module = "ferroloop._ferroloop")]
+#[pyclass(weakref, dict, subclass, module = "ferroloop._ferroloop")]
 pub struct Task {
     loop_: Option<Py<PyAny>>,
-    /// The same loop when it is a ferroloop loop whose `call_soon` is the native one.
+    /// The same loop when it is a ferroloop loop whose `call_soon` is the native one...
     native: Option<Py<EventLoop>>,
+    /// ...and that loop's instance dict: a `call_soon` set there later is honoured.
+    loop_dict: Option<Py<PyDict>>,
     state: State,
     result: Option<Py<PyAny>>,
     exception: Option<Py<PyAny>>,
@@ -79,6 +81,7 @@ impl Task {
         Task {
             loop_: None,
             native: None,
+            loop_dict: None,
             state: State::Pending,
             result: None,
             exception: None,
@@ -101,6 +104,21 @@ impl Task {
             wakeup: None,
             step_exc: None,
         }
+    }
+
+    /// The native loop, unless `call_soon` was since set on the loop instance (a test's
+    /// patch, say): then everything goes through the loop's `call_soon`, as asyncio's does.
+    fn native_ref<'py>(&self, py: Python<'py>) -> Option<Bound<'py, EventLoop>> {
+        let native = self.native.as_ref()?.bind(py);
+        if let Some(d) = &self.loop_dict {
+            if d.bind(py)
+                .contains(intern!(py, "call_soon"))
+                .unwrap_or(true)
+            {
+                return None;
+            }
+        }
+        Some(native.clone())
     }
 
     fn loop_obj<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
@@ -161,7 +179,7 @@ fn copy_context(py: Python<'_>) -> PyResult<Py<PyAny>> {
 
 /// The loop as a ferroloop loop whose `call_soon` nobody replaced (on the instance or in a
 /// subclass): only then may task steps bypass `call_soon`.
-fn native_loop(loop_: &Bound<'_, PyAny>) -> PyResult<Option<Py<EventLoop>>> {
+fn native_loop(loop_: &Bound<'_, PyAny>) -> PyResult<NativeLoop> {
     let py = loop_.py();
     let Ok(native) = loop_.cast::<EventLoop>() else {
         return Ok(None);
@@ -173,23 +191,28 @@ fn native_loop(loop_: &Bound<'_, PyAny>) -> PyResult<Option<Py<EventLoop>>> {
     if !loop_.get_type().getattr(name)?.is(ours) {
         return Ok(None);
     }
-    if let Ok(d) = loop_.getattr(intern!(py, "__dict__")) {
-        if d.cast::<PyDict>()
-            .is_ok_and(|d| d.contains(name).unwrap_or(true))
-        {
+    let dict = match loop_.getattr(intern!(py, "__dict__")) {
+        Ok(d) => Some(d.cast_into::<PyDict>()?),
+        Err(_) => None,
+    };
+    if let Some(d) = &dict {
+        if d.contains(name)? {
             return Ok(None);
         }
     }
-    Ok(Some(native.clone().unbind()))
+    Ok(Some((native.clone().unbind(), dict.map(|d| d.unbind()))))
 }
+
+/// A ferroloop loop and its instance dict (see `native_loop`).
+type NativeLoop = Option<(Py<EventLoop>, Option<Py<PyDict>>)>;
 
 /// The native loop to queue jobs on directly: set, and not in debug mode.
 fn direct_loop<'py>(py: Python<'py>, t: &Task) -> Option<Bound<'py, EventLoop>> {
-    let native = t.native.as_ref()?.bind(py);
+    let native = t.native_ref(py)?;
     if native.borrow().is_debug() {
         None
     } else {
-        Some(native.clone())
+        Some(native)
     }
 }
 
@@ -212,7 +235,7 @@ fn schedule_callbacks(slf: &Bound<'_, Task>) -> PyResult<()> {
             std::mem::take(&mut t.callbacks),
             t.loop_obj(py)?,
             direct_loop(py, &t),
-            t.native.as_ref().map(|n| n.clone_ref(py)),
+            t.native_ref(py).map(|n| n.unbind()),
             wakeup,
         )
     };
@@ -673,7 +696,7 @@ fn add_wakeup(fut: &Bound<'_, Task>, waiter: &Bound<'_, Task>) -> PyResult<()> {
         let w = wakeup_callable(waiter)?;
         let (loop_, native) = {
             let f = fut.borrow();
-            (f.loop_obj(py)?, f.native.as_ref().map(|n| n.clone_ref(py)))
+            (f.loop_obj(py)?, f.native_ref(py).map(|n| n.unbind()))
         };
         return call_soon(
             &loop_,
@@ -928,6 +951,24 @@ impl WeakSetRemove {
     }
 }
 
+static GET_RUNNING_LOOP: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+static GET_EVENT_LOOP: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// The loop of a task made without `loop=`: the running loop, else asyncio's
+/// `get_event_loop()` (C functions: no Python frame of ferroloop's between the caller and
+/// asyncio's "no current event loop" warning, which names the first frame outside asyncio).
+pub fn default_loop(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    let running = GET_RUNNING_LOOP
+        .import(py, "asyncio.events", "_get_running_loop")?
+        .call0()?;
+    if !running.is_none() {
+        return Ok(running);
+    }
+    GET_EVENT_LOOP
+        .import(py, "asyncio.events", "get_event_loop")?
+        .call0()
+}
+
 /// Fill in a new task (asyncio's `Task.__init__`).
 #[allow(clippy::too_many_arguments)]
 fn init(
@@ -941,11 +982,11 @@ fn init(
     let py = slf.py();
     let loop_ = match loop_ {
         Some(l) if !l.is_none() => l,
-        _ => compat(py)?.getattr(intern!(py, "default_loop"))?.call0()?,
+        _ => default_loop(py)?,
     };
     let native = native_loop(&loop_)?;
     let debug = match &native {
-        Some(n) => n.bind(py).borrow().is_debug(),
+        Some((n, _)) => n.bind(py).borrow().is_debug(),
         None => loop_.call_method0(intern!(py, "get_debug"))?.is_truthy()?,
     };
     let source_traceback = if debug {
@@ -956,7 +997,10 @@ fn init(
     {
         let mut t = slf.borrow_mut();
         t.loop_ = Some(loop_.unbind());
-        t.native = native;
+        if let Some((n, d)) = native {
+            t.native = Some(n);
+            t.loop_dict = d;
+        }
         t.source_traceback = source_traceback;
     }
     // SAFETY: a type check on a live object.
@@ -1135,15 +1179,20 @@ impl Task {
         Task::empty()
     }
 
-    #[pyo3(signature = (coro, *, r#loop=None, name=None, context=None, eager_start=false))]
+    #[pyo3(signature = (coro, *, r#loop=None, name=None, context=None, eager_start=None))]
     fn __init__(
         slf: &Bound<'_, Self>,
         coro: Bound<'_, PyAny>,
         r#loop: Option<Bound<'_, PyAny>>,
         name: Option<Bound<'_, PyAny>>,
         context: Option<Bound<'_, PyAny>>,
-        eager_start: bool,
+        eager_start: Option<Bound<'_, PyAny>>,
     ) -> PyResult<()> {
+        // Any object, by its truth (asyncio's `if eager_start and ...`).
+        let eager_start = match eager_start {
+            Some(e) => e.is_truthy()?,
+            None => false,
+        };
         if eager_start && !compat_flag(slf.py(), "HAS_EAGER_START")? {
             return Err(PyTypeError::new_err(
                 "Task() got an unexpected keyword argument 'eager_start'",
@@ -1163,6 +1212,9 @@ impl Task {
         visit.call(&self.loop_)?;
         if let Some(n) = &self.native {
             visit.call(n)?;
+        }
+        if let Some(d) = &self.loop_dict {
+            visit.call(d)?;
         }
         visit.call(&self.result)?;
         visit.call(&self.exception)?;
@@ -1272,7 +1324,7 @@ impl Task {
         if done {
             let (loop_, native) = {
                 let t = slf.borrow();
-                (t.loop_obj(py)?, t.native.as_ref().map(|n| n.clone_ref(py)))
+                (t.loop_obj(py)?, t.native_ref(py).map(|n| n.unbind()))
             };
             let native = native.as_ref().map(|n| n.bind(py));
             return call_soon(&loop_, native, &r#fn, slf.as_any(), context);
@@ -1784,17 +1836,19 @@ pub fn task_factory<'py>(
     coro: Bound<'py, PyAny>,
     name: Option<Bound<'py, PyAny>>,
     context: Option<Bound<'py, PyAny>>,
-    eager_start: Option<bool>,
+    eager_start: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, Task>> {
+    let eager_start = match eager_start {
+        Some(e) => e.is_truthy()?,
+        None => false,
+    };
+    if eager_start && !compat_flag(py, "HAS_EAGER_START")? {
+        return Err(PyTypeError::new_err(
+            "task_factory() got an unexpected keyword argument 'eager_start'",
+        ));
+    }
     let t = Bound::new(py, Task::empty())?;
-    init(
-        &t,
-        coro,
-        Some(r#loop),
-        name,
-        context,
-        eager_start.unwrap_or(false),
-    )?;
+    init(&t, coro, Some(r#loop), name, context, eager_start)?;
     Ok(t)
 }
 

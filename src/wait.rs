@@ -44,6 +44,12 @@ impl WaitCounter {
 
 #[pymethods]
 impl WaitCounter {
+    /// As asyncio's closure: future reprs show `cb=[_wait.<locals>._on_completion()]`.
+    #[getter]
+    fn __qualname__(&self) -> &'static str {
+        "_wait.<locals>._on_completion"
+    }
+
     /// `WaitCounter(waiter, count, return_when)`; `return_when` is one of asyncio's
     /// constants ("ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION").
     #[new]

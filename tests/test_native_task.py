@@ -1938,12 +1938,6 @@ def test_bad_arguments_raise_what_asyncio_raises(tloop, task_kind):
 
 @needs_312
 def test_eager_start_accepts_any_truth_value(request, loop, task_kind):
-    xfail_for_ferroloop(
-        request,
-        task_kind,
-        "ferroloop.Task(eager_start=...) only accepts a bool (TypeError: 'str' object is "
-        "not an instance of 'bool'); asyncio.Task takes any object's truth value",
-    )
     events = []
 
     async def body(tag):
@@ -2140,14 +2134,6 @@ def test_steps_go_through_an_overridden_call_soon(loop_kind, task_kind):
 
 
 def test_call_soon_patched_after_the_task_was_created(request, loop_kind, task_kind):
-    if loop_kind == "ferroloop":
-        xfail_for_ferroloop(
-            request,
-            task_kind,
-            "on a ferroloop loop, a ferroloop.Task decides at creation whether to queue its "
-            "steps natively; loop.call_soon patched on the instance afterwards is never "
-            "called for its steps (asyncio.Task calls it: 3 times here, ferroloop.Task 0)",
-        )
 
     def scenario(cls):
         lp = new_loop(loop_kind)
@@ -2335,14 +2321,6 @@ def _task_without_a_loop(cls):
 def test_task_without_a_loop_warns_at_the_caller(request, asyncio_state, task_kind):
     import os
 
-    if sys.version_info >= (3, 12):
-        xfail_for_ferroloop(
-            request,
-            task_kind,
-            "3.12+: ferroloop.Task(coro) with no running or current loop warns "
-            "'There is no current event loop' pointing into ferroloop/_compat.py "
-            "(TASK_COMPAT.default_loop), not at the caller's line as asyncio.Task does",
-        )
     got = _task_without_a_loop(task_class(task_kind))
     assert got == _task_without_a_loop(asyncio.Task)
     assert all(w[2] == os.path.basename(__file__) for w in got[1]), got
@@ -2485,12 +2463,6 @@ def test_debug_slow_step_reports_name_the_task(request, caplog, loop_kind, task_
 
 def test_arbitrary_attributes_can_be_set(request, tloop, task_kind):
     """asyncio's Task has a __dict__: libraries attach their own attributes to tasks."""
-    xfail_for_ferroloop(
-        request,
-        task_kind,
-        "ferroloop.Task has no __dict__: `task.my_attr = 1` raises AttributeError, where "
-        "asyncio.Task accepts it (libraries tag tasks this way)",
-    )
     t = tloop.create_task(value(1))
     try:
         t.my_attr = "tag"

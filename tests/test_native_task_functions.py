@@ -1173,18 +1173,6 @@ def test_reprs_of_the_futures_involved(request, tloop, fn_kind, F):
     """A future's repr lists its callbacks: wait/gather/shield's show as asyncio's do
     (``cb=[_wait.<locals>._on_completion()]``...), which is what a stuck program's
     task reprs (``wait_for=<Future pending cb=[...]>``) show."""
-    if fn_kind == "ferroloop":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="futures passed to ferroloop's wait/gather/shield list their callback "
-                "as '<ferroloop._ferroloop.WaitCounter object at 0x...>()' (GatherState, "
-                "ShieldInner, ShieldOuter) where asyncio shows "
-                "'_wait.<locals>._on_completion()', 'gather.<locals>._done_callback()', "
-                "'shield.<locals>._inner_done_callback()', "
-                "'shield.<locals>._outer_done_callback()'",
-            )
-        )
     assert _callback_reprs(tloop, F) == _callback_reprs(tloop, ORACLE)
 
 
@@ -1488,16 +1476,6 @@ def _outside_a_loop(fns, which):
 
 @pytest.mark.parametrize("which", ["gather(coro)", "gather()", "shield(coro)"])
 def test_no_current_loop_warnings_point_at_the_caller(request, asyncio_state, fn_kind, F, which):
-    if fn_kind == "ferroloop" and sys.version_info >= (3, 12):
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="3.12+: the DeprecationWarning 'There is no current event loop' from "
-                "ferroloop.gather(coro)/gather()/shield(coro) outside a loop points into "
-                "ferroloop/tasks.py or ferroloop/_compat.py, not at the caller's line as "
-                "asyncio's does (wrong stacklevel)",
-            )
-        )
     got = _outside_a_loop(F, which)
     assert got == _outside_a_loop(ORACLE, which)
     assert all(w[2] == os.path.basename(__file__) for w in got[1]), got

@@ -7,7 +7,7 @@ decided below.
 
 import inspect
 import sys
-from asyncio import base_events, format_helpers, selector_events, tasks
+from asyncio import base_events, events, format_helpers, selector_events, tasks
 
 # 3.13 split run_forever into _run_forever_setup/_run_forever_cleanup (and
 # BaseEventLoop.__init__ gained _old_agen_hooks); older versions inline them.
@@ -84,28 +84,10 @@ class TASK_COMPAT:  # read by the native Task (src/task.rs)
     # 3.13: uncancel() bringing the count to zero also withdraws a pending cancel request.
     UNCANCEL_RESETS_MUST_CANCEL = sys.version_info >= (3, 13)
 
-    @staticmethod
-    def default_loop():
-        """The loop a Future or Task made without ``loop=`` uses (as asyncio's C Future)."""
-        from asyncio import events
-
-        loop = events._get_running_loop()
-        if loop is None:
-            loop = events.get_event_loop()
-        return loop
-
-    @staticmethod
-    def gather_nothing():
-        """``gather()`` with no arguments: a finished future on the current loop."""
-        from asyncio import events
-
-        if sys.version_info >= (3, 12):
-            loop = events.get_event_loop()
-        else:
-            loop = events._get_event_loop()
-        outer = loop.create_future()
-        outer.set_result([])
-        return outer
+    # The loop gather() with no arguments uses (3.12 made _get_event_loop public).
+    gather_empty_loop = staticmethod(
+        events.get_event_loop if sys.version_info >= (3, 12) else events._get_event_loop
+    )
 
     @staticmethod
     def eager_start(task):

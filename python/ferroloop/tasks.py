@@ -54,16 +54,7 @@ async def wait(fs, *, timeout=None, return_when=ALL_COMPLETED):
     return counter.partition(fs)
 
 
-def gather(*coros_or_futures, return_exceptions=False):
-    """Run awaitables concurrently; a future for the list of their results, in order.
-
-    As ``asyncio.gather``, with the same cancellation and ``return_exceptions`` rules.
-    """
-    if not coros_or_futures:
-        return TASK_COMPAT.gather_nothing()
-    return _ferroloop.gather(coros_or_futures, bool(return_exceptions))
-
-
-def shield(arg):
-    """Protect an awaitable from being cancelled (as ``asyncio.shield``)."""
-    return _ferroloop.shield(arg)
+# Native entry points, called without a Python frame of ferroloop's (asyncio's warnings
+# about a missing event loop then name the caller, as with asyncio's functions).
+gather = _ferroloop.gather
+shield = _ferroloop.shield
