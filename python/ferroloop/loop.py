@@ -5,9 +5,9 @@ turn, readiness polling, handles) in front of asyncio's own Unix selector loop i
 method resolution order. Everything the core does not define (argument handling, the
 exception handler, executors, async generators, sockets, transports, servers, TLS, pipes,
 subprocesses, signals) is asyncio's own code for the running Python version, running on the
-native reactor; the TCP/Unix stream transport has a native core and the datagram transport
-reads through a reused buffer (``transports.py``); ``sock_recv`` reads natively; nested runs
-are ``nested.py``'s.
+native reactor; the TCP/Unix stream (``transports.py``), datagram (``datagram.py``) and pipe
+(``pipes.py``) transports have native cores, TLS is ``sslproto.py``'s, ``sock_recv`` reads
+natively, nested runs are ``nested.py``'s.
 """
 
 import functools

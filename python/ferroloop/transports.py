@@ -7,29 +7,16 @@ buffer, flow control, close and abort. The Python class keeps what runs once per
 or only on errors, written as asyncio's ``selector_events._SelectorSocketTransport`` writes
 it: the constructor, ``repr``, ``__del__``, ``_fatal_error``, ``_call_connection_lost``.
 
-The datagram transport is asyncio's own, reading through a buffer that is reused: asyncio
-reads with ``sock.recvfrom(max_size)``, a 256 KiB bytes object per read, mapped and unmapped
-by the allocator each time.
+The datagram and pipe transports are in ``datagram.py`` and ``pipes.py``.
 """
 
 import selectors
-import threading
 import warnings
 from asyncio import base_events, constants, futures, selector_events, transports, trsock
 from asyncio.log import logger
 
 from . import _compat
 from ._ferroloop import StreamCore
-
-_local = threading.local()
-
-
-def _datagram_buffer(size):
-    buf = getattr(_local, "buf", None)
-    if buf is None or len(buf) < size:
-        buf = _local.buf = memoryview(bytearray(size))
-    return buf
-
 
 # Addresses are shared between transports (an idle connection's memory is mostly its
 # objects): every connection a server accepts has the same sockname, and peers share hosts.
@@ -301,24 +288,3 @@ class _SelectorSocketTransport(transports._FlowControlMixin, transports.Transpor
 
 
 SocketTransport = _SelectorSocketTransport
-
-
-class DatagramTransport(selector_events._SelectorDatagramTransport):
-    def _read_ready(self):
-        # asyncio's method (identical in 3.11-3.13) with a reused receive buffer.
-        if self._conn_lost:
-            return
-        try:
-            buf = _datagram_buffer(self.max_size)
-            nbytes, addr = self._sock.recvfrom_into(buf, self.max_size)
-            data = bytes(buf[:nbytes])
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError as exc:
-            self._protocol.error_received(exc)
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:  # noqa: BLE001 (asyncio reports every error)
-            self._fatal_error(exc, "Fatal read error on datagram transport")
-        else:
-            self._protocol.datagram_received(data, addr)
