@@ -12,7 +12,7 @@ WRAPPED state:
   reading once more to get ``SSLWantReadError`` (a read then could only raise it);
 - it calls the ``SSLObject``'s C object directly (``ssl.SSLObject`` only forwards to it).
 
-Everything else (handshake, shutdown, flow control rules, timeouts, ``_SSLProtocolTransport``)
+Everything else (handshake, shutdown, flow control rules, timeouts, the application transport)
 is asyncio's own class for the running Python.
 """
 
@@ -37,8 +37,9 @@ def _native(sslobj):
         return sslobj
 
 
-class _AppTransport(sslproto._SSLProtocolTransport):
-    """asyncio's transport of the application side, writing without an extra step."""
+class _SSLProtocolTransport(sslproto._SSLProtocolTransport):
+    """asyncio's transport of the application side (same name: code and tests read it),
+    writing without an extra step."""
 
     def write(self, data):
         """Write some data bytes to the transport (asyncio's checks and semantics)."""
@@ -65,7 +66,7 @@ class SSLProtocol(sslproto.SSLProtocol):
         if self._app_transport is None:
             if self._app_transport_created:
                 raise RuntimeError("Creating _SSLProtocolTransport twice")
-            self._app_transport = _AppTransport(self._loop, self)
+            self._app_transport = _SSLProtocolTransport(self._loop, self)
             self._app_transport_created = True
         return self._app_transport
 
