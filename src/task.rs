@@ -545,26 +545,8 @@ fn handle_yield(slf: &Bound<'_, Task>, result: Bound<'_, PyAny>) -> PyResult<()>
                 f.blocking,
             )
         };
-        if !same_loop {
-            let msg = format!(
-                "Task {} got Future {} attached to a different loop",
-                repr_of(slf),
-                repr_of(&result)
-            );
-            return schedule_step(
-                slf,
-                Some(PyRuntimeError::new_err(msg).into_value(py).into_any()),
-            );
-        }
-        if !blocking {
-            return bad_yield(slf, &result);
-        }
-        if fut.is(slf) {
-            let msg = format!("Task cannot await on itself: {}", repr_of(slf));
-            return schedule_step(
-                slf,
-                Some(PyRuntimeError::new_err(msg).into_value(py).into_any()),
-            );
+        if !check_awaited(slf, &result, same_loop, blocking)? {
+            return Ok(());
         }
         fut.borrow_mut().blocking = false;
         add_wakeup(fut, slf)?;
@@ -576,27 +558,9 @@ fn handle_yield(slf: &Bound<'_, Task>, result: Bound<'_, PyAny>) -> PyResult<()>
     };
     match blocking {
         Some(blocking) => {
-            let fut_loop = future_get_loop(&result)?;
-            if !fut_loop.is(&loop_) {
-                let msg = format!(
-                    "Task {} got Future {} attached to a different loop",
-                    repr_of(slf),
-                    repr_of(&result)
-                );
-                return schedule_step(
-                    slf,
-                    Some(PyRuntimeError::new_err(msg).into_value(py).into_any()),
-                );
-            }
-            if !blocking {
-                return bad_yield(slf, &result);
-            }
-            if result.is(slf) {
-                let msg = format!("Task cannot await on itself: {}", repr_of(slf));
-                return schedule_step(
-                    slf,
-                    Some(PyRuntimeError::new_err(msg).into_value(py).into_any()),
-                );
+            let same_loop = future_get_loop(&result)?.is(&loop_);
+            if !check_awaited(slf, &result, same_loop, blocking)? {
+                return Ok(());
             }
             result.setattr(intern!(py, "_asyncio_future_blocking"), false)?;
             let wakeup = wakeup_callable(slf)?;
@@ -630,6 +594,37 @@ fn handle_yield(slf: &Bound<'_, Task>, result: Bound<'_, PyAny>) -> PyResult<()>
             )
         }
     }
+}
+
+/// asyncio's checks on a yielded future: of this loop, yielded by `await` (blocking), not
+/// the task itself. When one fails, the next step throws the RuntimeError into the coroutine
+/// and this returns false.
+fn check_awaited(
+    slf: &Bound<'_, Task>,
+    result: &Bound<'_, PyAny>,
+    same_loop: bool,
+    blocking: bool,
+) -> PyResult<bool> {
+    let py = slf.py();
+    let msg = if !same_loop {
+        format!(
+            "Task {} got Future {} attached to a different loop",
+            repr_of(slf),
+            repr_of(result)
+        )
+    } else if !blocking {
+        bad_yield(slf, result)?;
+        return Ok(false);
+    } else if result.is(slf) {
+        format!("Task cannot await on itself: {}", repr_of(slf))
+    } else {
+        return Ok(true);
+    };
+    schedule_step(
+        slf,
+        Some(PyRuntimeError::new_err(msg).into_value(py).into_any()),
+    )?;
+    Ok(false)
 }
 
 fn bad_yield(slf: &Bound<'_, Task>, result: &Bound<'_, PyAny>) -> PyResult<()> {
