@@ -71,15 +71,25 @@ class SSLProtocol(sslproto.SSLProtocol):
         return self._app_transport
 
     def buffer_updated(self, nbytes):
-        incoming = self._incoming
-        incoming.write(self._ssl_buffer_view[:nbytes])
+        self._incoming.write(self._ssl_buffer_view[:nbytes])
         state = self._state
         if state is _WRAPPED:
-            if self._app_protocol_is_buffer or self._app_reading_paused:
-                self._do_read()
-                return
-            # _do_read with _read_copied in line: the path of every record.
-            try:
+            self._do_read()
+        elif state is _DO_HANDSHAKE:
+            self._do_handshake()
+        elif state is _FLUSHING:
+            self._do_flush()
+        elif state is _SHUTDOWN:
+            self._do_shutdown()
+
+    def _do_read(self):
+        if self._state is not _WRAPPED or self._app_protocol_is_buffer:
+            # FLUSHING and buffered application protocols: asyncio's path.
+            return super()._do_read()
+        incoming = self._incoming
+        try:
+            if not self._app_reading_paused:
+                # asyncio's _do_read__copied, stopping once nothing is left to decrypt.
                 sslobj = _native(self._sslobj)
                 max_size = self.max_size
                 chunk = b"1"
@@ -110,38 +120,11 @@ class SSLProtocol(sslproto.SSLProtocol):
                 if self._write_backlog:
                     self._do_write()
                 elif self._outgoing.pending or self._app_writing_paused:
-                    self._flush_outgoing()
-                size = incoming.pending
-                if size >= self._incoming_high_water and not self._ssl_reading_paused:
-                    self._ssl_reading_paused = True
-                    self._transport.pause_reading()
-                elif size <= self._incoming_low_water and self._ssl_reading_paused:
-                    self._ssl_reading_paused = False
-                    self._transport.resume_reading()
-            except Exception as ex:  # noqa: BLE001 (asyncio: any error is fatal here)
-                self._fatal_error(ex, "Fatal error on SSL protocol")
-        elif state is _DO_HANDSHAKE:
-            self._do_handshake()
-        elif state is _FLUSHING:
-            self._do_flush()
-        elif state is _SHUTDOWN:
-            self._do_shutdown()
-
-    def _do_read(self):
-        if self._state is not _WRAPPED or self._app_protocol_is_buffer:
-            # FLUSHING and buffered application protocols: asyncio's path.
-            return super()._do_read()
-        try:
-            if not self._app_reading_paused:
-                self._read_copied()
-                if self._write_backlog:
-                    self._do_write()
-                elif self._outgoing.pending or self._app_writing_paused:
                     # (else there is nothing to send, and with no backlog the write
                     # buffer is empty: no flow-control change either)
-                    self._flush_outgoing()
+                    self._process_outgoing()
             # asyncio's _control_ssl_reading
-            size = self._incoming.pending
+            size = incoming.pending
             if size >= self._incoming_high_water and not self._ssl_reading_paused:
                 self._ssl_reading_paused = True
                 self._transport.pause_reading()
@@ -150,35 +133,6 @@ class SSLProtocol(sslproto.SSLProtocol):
                 self._transport.resume_reading()
         except Exception as ex:  # noqa: BLE001 (asyncio: any error is fatal here)
             self._fatal_error(ex, "Fatal error on SSL protocol")
-
-    def _read_copied(self):
-        # asyncio's _do_read__copied, stopping once nothing is left to decrypt.
-        sslobj = _native(self._sslobj)
-        incoming = self._incoming
-        max_size = self.max_size
-        chunk = b"1"
-        data = None
-        try:
-            while True:
-                chunk = sslobj.read(max_size)
-                if not chunk:
-                    break
-                if data is None:
-                    data = chunk
-                elif type(data) is list:
-                    data.append(chunk)
-                else:
-                    data = [data, chunk]
-                if not incoming.pending and not sslobj.pending():
-                    break
-        except _AGAIN:
-            pass
-        if data is not None:
-            self._app_protocol.data_received(data if type(data) is not list else b"".join(data))
-        if not chunk:
-            # close_notify
-            self._call_eof_received()
-            self._start_shutdown()
 
     def _write_appdata(self, list_of_data):
         if self._state in _CLOSED_STATES:
@@ -213,13 +167,10 @@ class SSLProtocol(sslproto.SSLProtocol):
                     self._write_buffer_size -= data_len
         except _AGAIN:
             pass
-        self._flush_outgoing()
+        self._process_outgoing()
 
     def _process_outgoing(self):
-        self._flush_outgoing()
-
-    def _flush_outgoing(self):
-        # asyncio's _process_outgoing with _control_app_writing inlined.
+        # asyncio's, with _control_app_writing in line.
         if not self._ssl_writing_paused:
             data = self._outgoing.read()
             if data:
@@ -227,31 +178,23 @@ class SSLProtocol(sslproto.SSLProtocol):
         size = self._outgoing.pending + self._write_buffer_size
         if size >= self._outgoing_high_water and not self._app_writing_paused:
             self._app_writing_paused = True
-            try:
-                self._app_protocol.pause_writing()
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as exc:  # noqa: BLE001 (asyncio reports every error)
-                self._loop.call_exception_handler(
-                    {
-                        "message": "protocol.pause_writing() failed",
-                        "exception": exc,
-                        "transport": self._app_transport,
-                        "protocol": self,
-                    }
-                )
+            self._tell_app_protocol("pause_writing")
         elif size <= self._outgoing_low_water and self._app_writing_paused:
             self._app_writing_paused = False
-            try:
-                self._app_protocol.resume_writing()
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as exc:  # noqa: BLE001 (asyncio reports every error)
-                self._loop.call_exception_handler(
-                    {
-                        "message": "protocol.resume_writing() failed",
-                        "exception": exc,
-                        "transport": self._app_transport,
-                        "protocol": self,
-                    }
-                )
+            self._tell_app_protocol("resume_writing")
+
+    def _tell_app_protocol(self, method):
+        # asyncio's calls of pause_writing()/resume_writing(): errors go to the handler.
+        try:
+            getattr(self._app_protocol, method)()
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 (asyncio reports every error)
+            self._loop.call_exception_handler(
+                {
+                    "message": f"protocol.{method}() failed",
+                    "exception": exc,
+                    "transport": self._app_transport,
+                    "protocol": self,
+                }
+            )
