@@ -158,6 +158,10 @@ fn compat(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
     COMPAT.import(py, "ferroloop._compat", "TASK_COMPAT")
 }
 
+/// `TASK_COMPAT.UNCANCEL_RESETS_MUST_CANCEL`, read once (uncancel() is on TaskGroup's and
+/// timeout()'s every exit).
+static UNCANCEL_RESETS: PyOnceLock<bool> = PyOnceLock::new();
+
 fn compat_flag(py: Python<'_>, name: &str) -> PyResult<bool> {
     compat(py)?.getattr(name)?.is_truthy()
 }
@@ -1390,7 +1394,9 @@ impl Task {
     }
 
     fn uncancel(slf: &Bound<'_, Self>) -> PyResult<i64> {
-        let resets = compat_flag(slf.py(), "UNCANCEL_RESETS_MUST_CANCEL")?;
+        let py = slf.py();
+        let resets = *UNCANCEL_RESETS
+            .get_or_try_init(py, || compat_flag(py, "UNCANCEL_RESETS_MUST_CANCEL"))?;
         let mut t = slf.borrow_mut();
         if t.num_cancels_requested > 0 {
             t.num_cancels_requested -= 1;
