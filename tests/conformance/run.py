@@ -6,6 +6,7 @@
     python tests/conformance/run.py -v              # tracebacks of every failure
     python tests/conformance/run.py --update        # rewrite expected_failures.txt
     python tests/conformance/run.py --markdown      # per-module table for the README
+    python tests/conformance/run.py --readme        # README's table from every version's results
     CONFORMANCE_LOOP=asyncio python tests/conformance/run.py   # asyncio's own loop
 
 Each module runs in its own child process (_child.py) with asyncio's policy producing
@@ -562,6 +563,80 @@ def _indent(text: str) -> str:
     return "\n".join("    " + line for line in text.rstrip().splitlines())
 
 
+README = HERE.parent.parent / "README.md"
+README_START, README_END = "<!-- conformance:start -->", "<!-- conformance:end -->"
+
+
+def readme_table() -> str:
+    """The README's table: one column per Python version with a ferroloop results file."""
+    paths = [p for p in RESULTS.glob("results-3.*.json") if not p.stem.endswith("-asyncio")]
+    paths.sort(key=lambda p: _minor(p.stem.removeprefix("results-")))
+    runs = [json.loads(p.read_text(encoding="utf-8")) for p in paths]
+    if not runs:
+        raise SystemExit(f"--readme: no results-3.*.json in {RESULTS}: run the suite first")
+    partial = [run["python_minor"] for run in runs if not run.get("whole_run")]
+    if partial:
+        raise SystemExit(
+            f"--readme: the last run on {', '.join(partial)} was not the whole suite"
+            " (-k/-t, or an older run.py): run `make test-conformance test-conformance-extra`"
+        )
+    # Module order: those every version runs first (alphabetical), then the rest by first
+    # version; variants after the plain modules.
+    order: dict[str, tuple] = {}
+    for i, run in enumerate(runs):
+        for name in run["modules"]:
+            everywhere = all(name in r["modules"] for r in runs)
+            key = (split_module(name)[1] is not None, not everywhere, i, name)
+            order[name] = min(order.get(name, key), key)
+    versions = [run["python"] for run in runs]
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d')} on CPython "
+        + (", ".join(versions[:-1]) + " and " if len(versions) > 1 else "")
+        + versions[-1]
+        + " (passed / ran on ferroloop; a ferroloop loop's",
+        "tasks are `ferroloop.Task`s). The `[ferrotask]` rows run CPython's task tests with",
+        "`Task = ferroloop.Task` (`test_tasks`' `BaseTaskTests` family) and ferroloop's"
+        + " `wait`/`gather`/",
+        "`shield`/`as_completed`/`wait_for` in place of asyncio's:",
+        "",
+        "| module | " + " | ".join(run["python_minor"] for run in runs) + " |",
+        "| --- |" + " ---: |" * len(runs),
+    ]
+    for name in sorted(order, key=order.get):
+        cells = []
+        for run in runs:
+            m = run["modules"].get(name)
+            if m is None:
+                cells.append("—")
+            else:
+                ran = m["passed"] + m["failed"] + m["expected_failures"]
+                cells.append(f"{m['passed']}/{ran}")
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    for label, key, bold in (
+        ("total passed", "passed", True),
+        ("known failures (expectations file)", "expected_failures", False),
+        ("not counted: never ran on a ferroloop loop", "not_on_loop", False),
+    ):
+        vals = [str(run["totals"][key]) for run in runs]
+        if bold:
+            label, vals = f"**{label}**", [f"**{v}**" for v in vals]
+        lines.append(f"| {label} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def write_readme() -> int:
+    text = README.read_text(encoding="utf-8")
+    head, sep, rest = text.partition(README_START)
+    _, sep2, tail = rest.partition(README_END)
+    if not sep or not sep2:
+        raise SystemExit(f"--readme: {README} has no {README_START} ... {README_END} block")
+    README.write_text(
+        head + README_START + "\n" + readme_table() + "\n" + README_END + tail, encoding="utf-8"
+    )
+    print(f"conformance: wrote the table into {README}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -591,6 +666,11 @@ def main(argv=None) -> int:
     ap.add_argument("--update", action="store_true", help="rewrite expected_failures.txt")
     ap.add_argument("--markdown", action="store_true", help="print the table as markdown")
     ap.add_argument(
+        "--readme",
+        action="store_true",
+        help="run nothing: rewrite README.md's table from every version's results file",
+    )
+    ap.add_argument(
         "--loop",
         choices=("ferroloop", "asyncio"),
         default=os.environ.get("CONFORMANCE_LOOP", "ferroloop"),
@@ -598,6 +678,8 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--expected", type=Path, default=EXPECTED, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.readme:
+        return write_readme()
     # SIGTERM (a CI timeout) unwinds like Ctrl-C, so the running child is killed too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.update and args.match:
@@ -769,6 +851,8 @@ def main(argv=None) -> int:
         "python_minor": PYVER,
         "executable": sys.executable,
         "loop": loop_desc,
+        # --readme takes only whole runs: every module of MODULES, whole.
+        "whole_run": modules == MODULES and not args.match,
         "totals": totals,
         "modules": {
             module: {
