@@ -7,8 +7,8 @@ PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
 # Extra interpreters the conformance suite also runs on (asyncio changed there).
 EXTRA_PYTHONS ?= 3.12 3.13
 
-.PHONY: help install build-dev lint fmt test test-rust test-parity test-conformance \
-        test-conformance-extra bench bench-net demo clean
+.PHONY: help install build-dev lint fmt test test-rust test-parity test-parity-extra \
+        test-conformance test-conformance-extra test-extra bench bench-net demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-24s %s\n", $$1, $$2}'
@@ -48,14 +48,23 @@ test-parity: build-dev $(VENV)/.test-deps  ## behaviour tests, each on asyncio a
 test-conformance: build-dev  ## CPython's test_asyncio against ferroloop (main Python)
 	$(VPY) tests/conformance/run.py
 
+# test-conformance-extra runs EXTRA_TARGETS once per extra interpreter, in its own venv (.venv-3.12...),
+# so each version's module is built once.
+EXTRA_TARGETS ?= test-conformance
 test-conformance-extra:  ## the conformance suite on the other CPython versions
 	@for v in $(EXTRA_PYTHONS); do \
 	  py=$$(ls -d $(PYENV_ROOT)/versions/$$v.*/bin/python3 2>/dev/null | sort -V | tail -1); \
-	  if [ -z "$$py" ]; then echo "conformance: no Python $$v here, skipped"; continue; fi; \
-	  $(MAKE) --no-print-directory PYTHON=$$py VENV=.venv-$$v test-conformance || exit 1; \
+	  if [ -z "$$py" ]; then echo "$(EXTRA_TARGETS): no Python $$v here, skipped"; continue; fi; \
+	  $(MAKE) --no-print-directory PYTHON=$$py VENV=.venv-$$v $(EXTRA_TARGETS) || exit 1; \
 	done
 
-test: test-rust test-parity test-conformance test-conformance-extra  ## build, then run every test
+test-parity-extra:  ## the parity tests on the other CPython versions
+	@$(MAKE) --no-print-directory EXTRA_TARGETS=test-parity test-conformance-extra
+
+test-extra:  ## parity tests and conformance suite on the other CPython versions
+	@$(MAKE) --no-print-directory EXTRA_TARGETS="test-parity test-conformance" test-conformance-extra
+
+test: test-rust test-parity test-conformance test-extra  ## build, then run every test
 
 bench: build-dev  ## side-by-side core-loop benchmarks: asyncio, uvloop, rloop, ferroloop
 	$(VPY) -m pip install -q uvloop rloop matplotlib

@@ -577,6 +577,7 @@ def test_unclosed_transport_resource_warning(loop):
     tr, peer = run(loop, make())
     tr.pause_reading()  # drop the loop's reference (its reader handle)
     fd = tr.get_extra_info("socket").fileno()
+    gc.collect()  # earlier tests' garbage (their own unclosed transports) goes first
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         del loop._transports[fd]
@@ -586,7 +587,9 @@ def test_unclosed_transport_resource_warning(loop):
     unclosed = [
         w
         for w in caught
-        if issubclass(w.category, ResourceWarning) and "unclosed transport" in str(w.message)
+        if issubclass(w.category, ResourceWarning)
+        and "unclosed transport" in str(w.message)
+        and f"fd={fd}" in str(w.message)
     ]
     assert len(unclosed) == 1
     assert "_SelectorSocketTransport" in str(unclosed[0].message)
