@@ -625,3 +625,95 @@ def test_subprocess_from_a_loop_in_another_thread(loop):
     stdout, rc, pid = result
     assert (stdout, rc) == (b"from a thread\n", 0)
     assert_reaped(pid)
+
+
+# ---------------------------------------------------------------------------------------------
+# how child exits are watched: pidfds where the kernel has them (asyncio 3.12+'s default);
+# on 3.11 asyncio's default watcher is a thread per child, ferroloop uses pidfds (README
+# "Differences"); a watcher the user set is used as asyncio uses it.
+
+
+def _pidfd_usable():
+    try:
+        os.close(os.pidfd_open(os.getpid(), 0))
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
+@pytest.mark.usefixtures("asyncio_state")
+def test_default_child_watching_thread_or_pidfd(loop, loop_kind):
+    import threading
+
+    async def main():
+        before = set(threading.enumerate())
+        proc = await exec_py(WAIT_FOR_SIGNAL, stdout=subprocess.PIPE)
+        assert await proc.stdout.readline() == b"ready\n"
+        # ThreadedChildWatcher names its threads (asyncio-)waitpid-N
+        new = [t for t in set(threading.enumerate()) - before if "waitpid" in t.name]
+        proc.kill()
+        rc = await proc.wait()
+        return len(new), rc, proc.pid
+
+    extra_threads, rc, pid = run(loop, main())
+    assert rc == -signal.SIGKILL
+    assert_reaped(pid)
+    pidfd = _pidfd_usable() and (loop_kind != "asyncio" or sys.version_info >= (3, 12))
+    assert extra_threads == (0 if pidfd else 1)
+
+
+@pytest.mark.usefixtures("asyncio_state")
+@pytest.mark.skipif(
+    not hasattr(asyncio, "set_child_watcher"), reason="no child watchers on this Python"
+)
+def test_child_watcher_set_by_the_user_is_used(loop):
+    import warnings
+
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: watchers are deprecated
+
+        class Recording(asyncio.ThreadedChildWatcher):
+            def add_child_handler(self, pid, callback, *args):
+                seen.append(pid)
+                super().add_child_handler(pid, callback, *args)
+
+        watcher = Recording()
+        asyncio.set_child_watcher(watcher)
+
+    async def main():
+        proc = await exec_py("raise SystemExit(7)")
+        return await proc.wait(), proc.pid
+
+    try:
+        rc, pid = run(loop, main())
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            asyncio.set_child_watcher(None)
+        watcher.close()
+    assert rc == 7
+    assert seen == [pid]
+    assert_reaped(pid)
+
+
+@pytest.mark.usefixtures("asyncio_state")
+def test_loop_closed_while_a_child_runs_leaves_no_fd(loop):
+    import warnings
+
+    async def main():
+        return await exec_py(WAIT_FOR_SIGNAL, stdout=subprocess.DEVNULL)
+
+    before = open_fds()
+    proc = run(loop, main())
+    pid = proc.pid
+    proc.kill()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # the transport is left unclosed
+        loop.close()
+        del proc
+    try:  # reap it here if the loop's watcher did not
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+    assert open_fds() - before == set()

@@ -155,3 +155,8 @@ def _datagram_header_size():
 
 
 DATAGRAM_HEADER_SIZE = _datagram_header_size()
+
+# 3.12 made asyncio's default policy watch children with pidfds where the kernel has them;
+# 3.11's default is a thread per child. On 3.11 a ferroloop loop uses pidfds itself in the
+# case where asyncio would have made its default watcher (child_watcher.py).
+OWN_PIDFD_WATCHER = sys.version_info < (3, 12)

@@ -20,7 +20,7 @@ import threading
 import weakref
 from asyncio import base_events, constants, events, tasks, unix_events
 
-from . import _compat, datagram, pipes, sslproto, transports
+from . import _compat, child_watcher, datagram, pipes, sslproto, transports
 from . import nested as _nested
 from ._ferroloop import EventLoop as _NativeLoop
 from ._ferroloop import Handle as _NativeHandle
@@ -188,6 +188,22 @@ class Loop(_NativeLoop, unix_events.SelectorEventLoop, metaclass=_nested.LoopTyp
     def _make_write_pipe_transport(self, pipe, protocol, waiter=None, extra=None):
         return pipes._UnixWritePipeTransport(self, pipe, protocol, waiter, extra)
 
+    # 3.11: children watched with pidfds, as 3.12+ asyncio does (child_watcher.py).
+    _pidfd_watcher = None
+
+    if _compat.OWN_PIDFD_WATCHER:
+
+        async def _make_subprocess_transport(
+            self, protocol, args, shell, stdin, stdout, stderr, bufsize, extra=None, **kwargs
+        ):
+            if not child_watcher.policy_default_watcher_unset():
+                return await super()._make_subprocess_transport(
+                    protocol, args, shell, stdin, stdout, stderr, bufsize, extra, **kwargs
+                )
+            return await child_watcher.make_subprocess_transport(
+                self, protocol, args, shell, stdin, stdout, stderr, bufsize, extra, **kwargs
+            )
+
     async def sock_recv(self, sock, n):
         """Receive up to n bytes from the socket (asyncio's method; the read is native).
 
@@ -306,6 +322,8 @@ class Loop(_NativeLoop, unix_events.SelectorEventLoop, metaclass=_nested.LoopTyp
         """Close the loop: asyncio's close (self-pipe, executor, signal handlers), then
         drop the native queues and close the poller. Idempotent."""
         super().close()
+        if self._pidfd_watcher is not None:
+            self._pidfd_watcher.close()
         self._close_native()
 
     def _report_callback_error(self, handle, exc):
