@@ -73,7 +73,7 @@ static void fail(const char *fmt, ...)
         if (*p == '"' || *p == '\\')
             printf("\\%c", *p);
         else if ((unsigned char)*p < 0x20)
-            printf("\\u%04x", *p);
+            printf("\\u%04x", (unsigned char)*p);
         else
             putchar(*p);
     }
@@ -292,6 +292,8 @@ int main(int argc, char **argv)
     raise_nofile_limit();
 
     message = malloc(size);
+    if (!message)
+        fail("MemoryError: the message");
     for (size_t i = 0; i < size; i++)
         message[i] = (unsigned char)i;
 
@@ -313,6 +315,8 @@ int main(int argc, char **argv)
     struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     inet_pton(AF_INET, HOST, &addr.sin_addr);
     struct conn *cs = calloc((size_t)conns, sizeof *cs);
+    if (!cs)
+        fail("MemoryError: the connections");
     int one = 1;
     for (int i = 0; i < conns; i++) {
         struct conn *c = &cs[i];
@@ -343,6 +347,8 @@ int main(int argc, char **argv)
         fail("OSError: epoll_create1: [errno %d] %s", errno, strerror(errno));
     size_t cap = 1 << 16, nlat = 0; /* every latency, in seconds */
     double *lat = malloc(cap * sizeof *lat);
+    if (!lat)
+        fail("MemoryError: latencies");
     int issuing = 1, measuring = 0, in_flight = 0;
     size_t count_from = 0, count_to = 0;
     double cpu0 = 0, cpu1 = 0, scpu0 = -1, scpu1 = -1, busy0 = -1, busy1 = -1, t0 = 0, t1 = 0;
