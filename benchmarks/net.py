@@ -1045,8 +1045,9 @@ def udp_block(report, loops, unavailable):
         "",
         closed_loop_method(
             report,
-            "client: C connected UDP sockets on one epoll, one datagram in flight per socket "
-            "(`conns` = sockets), an echo that does not come back within 0.2 s is counted lost "
+            "client: `net_client.py udp` (Python), `conns` connected UDP sockets on one epoll, "
+            "one datagram in flight per socket, an echo that does not come back within 0.2 s is "
+            "counted lost "
             "and the datagram sent again; the server's `SO_RCVBUF` is 1 MiB for every loop (the "
             "208 KiB default drops datagrams at 10 KiB x 10 whatever the loop)",
         ),
