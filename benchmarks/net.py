@@ -245,7 +245,7 @@ def build_native(source):
     except (OSError, subprocess.TimeoutExpired) as exc:
         return None, f"compiling {source.name} failed: {exc}"
     if out.returncode != 0:
-        first = (out.stderr.strip().splitlines() or ["?"])[0]
+        first = (out.stderr.strip().splitlines() or [f"{cc}: exit status {out.returncode}"])[0]
         return None, f"compiling {source.name} failed ({first})"
     partial.replace(binary)  # atomic: a concurrent run sees the whole binary or none
     return str(binary), None
@@ -928,6 +928,8 @@ def ceiling_count(rows, loops):
     if C_SERVER not in loops:
         return ""
     known = [s for s in rows if s.get("ceiling_vs_uvloop") is not None and s.get("target")]
+    if not known:
+        return ""
     below = sum(s["ceiling_vs_uvloop"] < s["target"] for s in known)
     return (
         f" The C ceiling (`{C_SERVER}`) was below the target on {below} of {len(known)} rows: "
