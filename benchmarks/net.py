@@ -1,13 +1,15 @@
 """Network benchmarks side by side: asyncio's stock loop, uvloop, rloop and ferroloop.
 
 - echo: a server under test in its own process (``net_server.py``, one per loop) driven by one
-  client program in another process (``net_client.py``, the same for every loop), in three
-  server modes (raw ``sock_*``, asyncio streams, ``asyncio.Protocol``), three message sizes and
-  three concurrencies; requests/s and p99 latency per point;
+  client program in another process (``echo_client.c``, compiled at run time, the same for every
+  loop; ``net_client.py`` if it cannot be built), in three server modes (raw ``sock_*``, asyncio
+  streams, ``asyncio.Protocol``), three message sizes and three concurrencies; requests/s and
+  p99 latency per point; ``c-epoll`` (``echo_server.c``, a plain C epoll echo server) runs
+  alongside the loops as the machine's ceiling for each echo and tls row;
 - http: a minimal HTTP/1.1 keep-alive server on ``asyncio.Protocol`` loaded with ``wrk``;
 - memory: the server's peak RSS holding 10,000 idle connections, in KiB per connection;
 - tls: the ``protocol`` echo server over TLS (``ssl=`` with a certificate made at run time),
-  driven by the same client speaking TLS with the stdlib ``ssl`` module;
+  driven by the same client speaking TLS (OpenSSL);
 - https: the HTTP server over TLS, loaded with ``wrk``;
 - udp: an echo server on ``loop.create_datagram_endpoint``, one datagram in flight per client
   socket.
@@ -23,6 +25,7 @@ See benchmarks/README.md ("Network") for the method.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -43,6 +46,10 @@ from workloads import LOOPS
 
 SERVER = HERE / "net_server.py"
 CLIENT = HERE / "net_client.py"
+C_CLIENT_SOURCE = HERE / "echo_client.c"
+C_SERVER_SOURCE = HERE / "echo_server.c"
+C_SERVER = "c-epoll"  # the ceiling reference: a plain C epoll echo server, not a Python loop
+ALL_LOOPS = [*LOOPS, C_SERVER]
 README = HERE / "README.md"
 START, END = "<!-- net:start -->", "<!-- net:end -->"
 CANDIDATE, RIVAL = "ferroloop", "uvloop"
@@ -67,6 +74,11 @@ TLS_TARGET = 1.0  # issue 4: ferroloop at least as fast as uvloop on every TLS r
 CLIENT_BOUND = 0.9  # a client CPU share above this: the client may have been the bottleneck
 
 
+def python_only(loops):
+    """The loops without the C ceiling server (it serves the echo and tls parts only)."""
+    return [name for name in loops if name != C_SERVER]
+
+
 def target_ratio(size):
     """The project's target for ferroloop / uvloop requests/s at this message size."""
     return 1.2 if size <= 10 * 1024 else 1.0
@@ -82,7 +94,10 @@ class Server:
     def __init__(self, loop, kind, lifetime, expect=0, extra=()):
         self.loop, self.kind = loop, kind
         self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
-        cmd = [sys.executable, str(SERVER), loop, kind, "--lifetime", str(int(lifetime))]
+        if loop == C_SERVER:
+            cmd = [NATIVE["server"], kind, "--lifetime", str(int(lifetime))]
+        else:
+            cmd = [sys.executable, str(SERVER), loop, kind, "--lifetime", str(int(lifetime))]
         cmd += [str(x) for x in extra]
         cmd += pin_args(SERVER_CPU)
         if expect:
@@ -188,9 +203,92 @@ def taskset(cpu):
     return [] if cpu is None or not shutil.which("taskset") else ["taskset", "-c", str(cpu)]
 
 
+# The compiled C programs (paths), filled in by main(): "client" (echo_client.c) if the echo
+# rows use it, "server" (echo_server.c) if the c-epoll column runs.
+NATIVE = {}
+
+
+def build_native(source):
+    """Compile a benchmark C program (``cc -O2``, linked with OpenSSL) into a per-user cache
+    directory, keyed by a hash of the source and the compiler's version; return (path, None)
+    or (None, why not)."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return None, "no C compiler (cc)"
+    try:
+        version = subprocess.run(
+            [cc, "--version"], check=False, capture_output=True, text=True, timeout=30
+        ).stdout.split("\n")[0]
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"{cc} --version failed: {exc}"
+    key = hashlib.sha256(source.read_bytes() + version.encode()).hexdigest()[:16]
+    cache = Path(tempfile.gettempdir()) / f"ferroloop-bench-{os.getuid()}"
+    binary = cache / f"{source.stem}-{key}"
+    if binary.exists():
+        return str(binary), None
+    cache.mkdir(mode=0o700, exist_ok=True)
+    partial = cache / f"{binary.name}.{os.getpid()}.tmp"
+    cmd = [
+        cc,
+        "-O2",
+        "-Wall",
+        "-Wextra",
+        "-o",
+        str(partial),
+        str(source),
+        "-lssl",
+        "-lcrypto",
+        "-lm",
+    ]
+    try:
+        out = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"compiling {source.name} failed: {exc}"
+    if out.returncode != 0:
+        first = (out.stderr.strip().splitlines() or [f"{cc}: exit status {out.returncode}"])[0]
+        return None, f"compiling {source.name} failed ({first})"
+    partial.replace(binary)  # atomic: a concurrent run sees the whole binary or none
+    return str(binary), None
+
+
+def cc_version():
+    cc = os.environ.get("CC") or shutil.which("cc") or "cc"
+    try:
+        out = subprocess.run([cc, "--version"], check=False, capture_output=True, text=True)
+    except OSError:
+        return "cc"
+    return out.stdout.split("\n")[0].strip() or "cc"
+
+
+def setup_native(choice, loops, versions, unavailable):
+    """Build the C echo client (``choice``: auto, c or python) and, if ``loops`` names it, the
+    C ceiling server (added to ``versions``, or to ``unavailable`` with the reason); return
+    the echo client's description for the tables' method text."""
+    if C_SERVER in loops:
+        path, why = build_native(C_SERVER_SOURCE)
+        if path:
+            NATIVE["server"] = path
+            versions[C_SERVER] = cc_version()
+        else:
+            unavailable[C_SERVER] = f"missing ({why})"
+    if choice == "python":
+        return "net_client.py (Python, one select.epoll; chosen with --client python)"
+    path, why = build_native(C_CLIENT_SOURCE)
+    if path:
+        NATIVE["client"] = path
+        return f"echo_client.c (C, one epoll; {cc_version()}, -O2)"
+    if choice == "c":
+        raise SystemExit(f"--client c: {why}")
+    return f"net_client.py (Python, one select.epoll): the C client could not be built: {why}"
+
+
 def run_client(args, timeout):
-    """Run net_client.py; return (result dict, None) or (None, error)."""
-    cmd = [sys.executable, str(CLIENT), *map(str, args), *pin_args(CLIENT_CPU)]
+    """Run the client (the C echo client for ``echo`` if it was built, else net_client.py);
+    return (result dict, None) or (None, error)."""
+    if args[0] == "echo" and NATIVE.get("client"):
+        cmd = [NATIVE["client"], *map(str, args), *pin_args(CLIENT_CPU)]
+    else:
+        cmd = [sys.executable, str(CLIENT), *map(str, args), *pin_args(CLIENT_CPU)]
     try:
         proc = subprocess.run(
             cmd,
@@ -326,12 +424,16 @@ def summarise(samples, errors, target):
         met = vs_rival >= target if target else None
     elif CANDIDATE in errors and RIVAL in med:
         met = False if target else None
+    ceiling = None  # the C server's requests/s / uvloop's: the most any server reached here
+    if C_SERVER in med and RIVAL in med:
+        ceiling = med[C_SERVER]["rps"] / med[RIVAL]["rps"]
     return {
         "samples": samples,
         "errors": errors,
         "median": med,
         "vs_asyncio": vs_asyncio,
         "vs_uvloop": vs_rival,
+        "ceiling_vs_uvloop": ceiling,
         "target": target,
         "met": met,
     }
@@ -600,6 +702,14 @@ def fmt_met(met):
     return {True: "met", False: "**not met**", None: "n/a"}[met]
 
 
+def fmt_ceiling(value, target):
+    """The C server's ratio to uvloop; flagged where even it is below the row's target."""
+    if value is None:
+        return "n/a"
+    below = target is not None and value < target
+    return fmt_ratio(value) + (" (below target)" if below else "")
+
+
 def cell(summary, name, unavailable):
     if name in unavailable:
         return "missing" if unavailable[name].startswith("missing") else "error"
@@ -619,15 +729,19 @@ def table(rows, loops, unavailable, first_cols, with_target=True, target_column=
     """rows: [(first column cells, summary)]. Cells: 'req/s / p99 ms'. ``with_target``: the
     closed-loop client's columns (target, server CPU per request, client and others' CPU);
     ``target_column=False`` leaves the target out; ``lost``: a column of datagrams lost (udp)."""
-    others = [n for n in loops if n != "asyncio"]
+    others = [n for n in loops if n not in ("asyncio", C_SERVER)]
     head = [*first_cols, *loops, *(f"{n} vs asyncio" for n in others)]
     compare = CANDIDATE in loops and RIVAL in loops
+    ceiling = C_SERVER in loops and RIVAL in loops
     if compare:
         head.append("ferroloop vs uvloop")
-        if with_target and target_column:
-            head.append("target")
+    if ceiling:
+        head.append("ceiling vs uvloop")
+    if compare and with_target and target_column:
+        head.append("target")
+    per_request = [RIVAL, CANDIDATE, *([C_SERVER] if ceiling else [])]
     if with_target and compare:
-        head.append("server CPU µs/req: uvloop / ferroloop")
+        head.append("server CPU µs/req: " + " / ".join(per_request))
     head.append("client CPU / others" if with_target else "server CPU (ferroloop)")
     if lost:
         head.append("lost: " + " / ".join(loops))
@@ -642,17 +756,22 @@ def table(rows, loops, unavailable, first_cols, with_target=True, target_column=
         cells += [fmt_ratio(s["vs_asyncio"].get(n)) for n in others]
         if compare:
             cells.append(fmt_ratio(s["vs_uvloop"]))
-            if with_target and target_column:
-                goal = f"≥ {s['target']:.1f}x" if s["target"] else ""
-                cells.append(f"{fmt_met(s['met'])} ({goal})" if s["target"] else "n/a")
+        if ceiling:
+            cells.append(fmt_ceiling(s.get("ceiling_vs_uvloop"), s.get("target")))
+        if compare and with_target and target_column:
+            goal = f"≥ {s['target']:.1f}x" if s["target"] else ""
+            cells.append(f"{fmt_met(s['met'])} ({goal})" if s["target"] else "n/a")
         if with_target and compare:
-            per = [s["median"].get(n, {}).get("server_us_per_request") for n in (RIVAL, CANDIDATE)]
+            per = [s["median"].get(n, {}).get("server_us_per_request") for n in per_request]
             cells.append(" / ".join("-" if v is None else f"{v:.1f}" for v in per))
         if with_target:
-            shares = [m["client_cpu"] for m in s["median"].values() if m["client_cpu"]]
+            # the client-bound flag and "others" come from the Python loops' runs: the C server
+            # is the ceiling reference, its own row may well be client-bound
+            loop_runs = {n: m for n, m in s["median"].items() if n != C_SERVER}
+            shares = [m["client_cpu"] for m in loop_runs.values() if m["client_cpu"]]
             top = max(shares) if shares else None
             flag = " (client-bound?)" if top is not None and top > CLIENT_BOUND else ""
-            others_cpu = median_or_none([m.get("other_cpu") for m in s["median"].values()])
+            others_cpu = median_or_none([m.get("other_cpu") for m in loop_runs.values()])
             cells.append(f"{fmt_share(top)}{flag} / {fmt_share(others_cpu)}")
         else:
             cells.append(fmt_share(s["median"].get(CANDIDATE, {}).get("server_cpu")))
@@ -727,6 +846,8 @@ def markdown(report, loops, unavailable):
             "loopback TCP work, the same for every loop. "
             + ("Client and server pinned to different CPUs." if a["pin"] else "Not pinned.")
         ),
+        f"- Echo client: {client_text(report)}.",
+        *([f"- {ceiling_text(report)}"] if C_SERVER in loops else []),
         "",
     ]
     for mode, rows in report["echo"].items():
@@ -748,7 +869,7 @@ def markdown(report, loops, unavailable):
             "",
         ]
         items = [((str(s["conns"]),), s) for s in report["http"]]
-        out += [table(items, loops, unavailable, ["conns"], with_target=False), ""]
+        out += [table(items, python_only(loops), unavailable, ["conns"], with_target=False), ""]
     elif report.get("http_skipped"):
         out += ["#### HTTP/1.1 keep-alive", "", f"Not run: {report['http_skipped']}", ""]
     if report["memory"]:
@@ -763,7 +884,7 @@ def markdown(report, loops, unavailable):
                 "better). The client opens the connections and sends nothing."
             ),
             "",
-            memory_table(report["memory"], loops, unavailable),
+            memory_table(report["memory"], python_only(loops), unavailable),
             "",
         ]
         if report.get("memory_note"):
@@ -774,6 +895,7 @@ def markdown(report, loops, unavailable):
             f"Target (ferroloop ≥ 1.2x uvloop's requests/s at 1 and 10 KiB, ≥ 1.0x at 100 KiB, "
             f"no more memory per idle connection): echo met on {sum(echo_met)} of "
             f"{len(echo_met)} rows; memory met on {sum(mem_met)} of {len(mem_met)}."
+            + ceiling_count([s for rows in report["echo"].values() for s in rows], loops)
         )
         out.append("")
     problems = [f"- {name}: {why}" for name, why in unavailable.items()]
@@ -781,6 +903,38 @@ def markdown(report, loops, unavailable):
     if problems:
         out += ["Problems seen during the run:", "", *problems, ""]
     return "\n".join(out)
+
+
+def client_text(report):
+    """Which echo client made the rows (runs before the C client have no "client" key)."""
+    return report.get("client") or "net_client.py (Python, one select.epoll)"
+
+
+def ceiling_text(report):
+    versions = report.get("loops") or {}
+    built = f", built with {versions[C_SERVER]} -O2" if C_SERVER in versions else ""
+    return (
+        f"`{C_SERVER}`: the ceiling reference, a plain C epoll echo server "
+        f"([echo_server.c](echo_server.c){built}: no Python, the same echo behaviour as the "
+        "`protocol` server, over OpenSSL in the TLS rows), run like the loops; `ceiling vs "
+        "uvloop`: its requests/s / uvloop's, the most any server reached on this machine for "
+        "the row: where it is below the row's target (flagged), no Python event loop can meet "
+        "the target here."
+    )
+
+
+def ceiling_count(rows, loops):
+    """The target line's note on the C ceiling: on how many rows even it was below target."""
+    if C_SERVER not in loops:
+        return ""
+    known = [s for s in rows if s.get("ceiling_vs_uvloop") is not None and s.get("target")]
+    if not known:
+        return ""
+    below = sum(s["ceiling_vs_uvloop"] < s["target"] for s in known)
+    return (
+        f" The C ceiling (`{C_SERVER}`) was below the target on {below} of {len(known)} rows: "
+        "no Python loop can be expected to meet the target there on this machine."
+    )
 
 
 def sub_run_line(report, part):
@@ -828,11 +982,18 @@ def tls_block(report, loops, unavailable):
             report,
             "server context `ssl.create_default_context(Purpose.CLIENT_AUTH)` with a "
             "certificate for localhost/127.0.0.1 from a CA made at run time (trustme); client: "
-            "the same epoll echo client over the stdlib `ssl` module (non-blocking `SSLSocket`s "
-            "trusting that CA, handshakes done before the clock starts)"
+            + (
+                "the C echo client over OpenSSL (non-blocking connections trusting that CA, "
+                "host name verified, handshakes done before the clock starts)"
+                if report.get("client_native")
+                else "the Python epoll echo client over the stdlib `ssl` module (non-blocking "
+                "`SSLSocket`s trusting that CA, handshakes done before the clock starts)"
+            )
+            + f", {client_text(report)}"
             + (f"; negotiated: {report['tls_negotiated']}" if report.get("tls_negotiated") else ""),
         ),
         "",
+        *([ceiling_text(report), ""] if C_SERVER in loops else []),
     ]
     items = [((size_label(s["size"]), str(s["conns"])), s) for s in rows]
     out += [table(items, loops, unavailable, ["size", "conns"]), ""]
@@ -841,7 +1002,7 @@ def tls_block(report, loops, unavailable):
         out += [
             (
                 "Target (issue 4: ferroloop at least as fast as uvloop on every TLS row): met on "
-                f"{sum(met)} of {len(met)} rows."
+                f"{sum(met)} of {len(met)} rows." + ceiling_count(rows, loops)
             ),
             "",
         ]
@@ -870,7 +1031,7 @@ def https_block(report, loops, unavailable):
         "",
     ]
     items = [((str(s["conns"]),), s) for s in report.get("https") or []]
-    out += [table(items, loops, unavailable, ["conns"], with_target=False), ""]
+    out += [table(items, python_only(loops), unavailable, ["conns"], with_target=False), ""]
     return out + problems_lines(report, "https", loops, unavailable)
 
 
@@ -886,15 +1047,25 @@ def udp_block(report, loops, unavailable):
         "",
         closed_loop_method(
             report,
-            "client: C connected UDP sockets on one epoll, one datagram in flight per socket "
-            "(`conns` = sockets), an echo that does not come back within 0.2 s is counted lost "
+            "client: `net_client.py udp` (Python), `conns` connected UDP sockets on one epoll, "
+            "one datagram in flight per socket, an echo that does not come back within 0.2 s is "
+            "counted lost "
             "and the datagram sent again; the server's `SO_RCVBUF` is 1 MiB for every loop (the "
             "208 KiB default drops datagrams at 10 KiB x 10 whatever the loop)",
         ),
         "",
     ]
     items = [((size_label(s["size"]), str(s["conns"])), s) for s in rows]
-    out += [table(items, loops, unavailable, ["size", "conns"], target_column=False, lost=True)]
+    out += [
+        table(
+            items,
+            python_only(loops),
+            unavailable,
+            ["size", "conns"],
+            target_column=False,
+            lost=True,
+        )
+    ]
     out += [
         "",
         "`lost`: datagrams counted lost over all the runs of the row, per loop. No target: UDP.",
@@ -1032,7 +1203,7 @@ def run_sub_parts(report, parts, runnable, args, certs, tls_points, udp_points, 
             report["wrk"] = version
             problems = report["part_problems"]["https"]
             for conns in https_conns:
-                s = measure_http(conns, runnable, args, problems, "https", server_tls)
+                s = measure_http(conns, python_only(runnable), args, problems, "https", server_tls)
                 s["conns"] = conns
                 report["https"].append(s)
                 note_errors(report, "https", f"https x{conns}", s)
@@ -1043,7 +1214,14 @@ def run_sub_parts(report, parts, runnable, args, certs, tls_points, udp_points, 
         for size in udp_sizes:
             for conns in udp_concs:
                 s = measure_echo(
-                    "udp", size, conns, runnable, args, problems, command="udp", target=None
+                    "udp",
+                    size,
+                    conns,
+                    python_only(runnable),
+                    args,
+                    problems,
+                    command="udp",
+                    target=None,
                 )
                 s.update(size=size, conns=conns)
                 report["udp"].append(s)
@@ -1075,7 +1253,18 @@ def parse_ints(value):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--loops", default=",".join(LOOPS), help="comma-separated subset")
+    parser.add_argument(
+        "--loops",
+        default=",".join(ALL_LOOPS),
+        help=f"comma-separated subset ({C_SERVER}: the C ceiling server, echo and tls parts)",
+    )
+    parser.add_argument(
+        "--client",
+        choices=("auto", "c", "python"),
+        default="auto",
+        help="echo client: the C one (echo_client.c, compiled at run time), net_client.py, "
+        "or auto: C if it compiles",
+    )
     parser.add_argument("--parts", default=",".join(PARTS), help="echo,http,memory,tls,https,udp")
     parser.add_argument("--modes", default=",".join(MODES), help="echo modes: sock,streams,...")
     parser.add_argument("--sizes", default=",".join(SIZES), help="1k,10k,100k or bytes")
@@ -1111,7 +1300,7 @@ def main():
             row.update(summarise(row["samples"], row["errors"], TLS_TARGET))
         for row in report.get("udp") or []:
             row.update(summarise(row["samples"], row["errors"], None))
-        loops = pick(report["args"]["loops"], LOOPS, "loops")
+        loops = pick(report["args"]["loops"], ALL_LOOPS, "loops")
         parts = pick(report["args"]["parts"], PARTS, "parts")
         if set(parts) & set(TCP_PARTS):
             print(markdown(report, loops, report["unavailable"]))
@@ -1122,7 +1311,7 @@ def main():
             write_report(report, loops, report["unavailable"], parts)
             progress(f"results written to {README}")
         return 0
-    loops = pick(args.loops, LOOPS, "loops")
+    loops = pick(args.loops, ALL_LOOPS, "loops")
     parts = pick(args.parts, PARTS, "parts")
     modes = pick(args.modes, MODES, "modes")
     memory_modes = pick(args.memory_modes, MODES, "memory modes")
@@ -1154,7 +1343,9 @@ def main():
 
     machine = machine_info()
     progress(f"{machine['date']}: {machine['python']}, {machine['nproc']} CPUs ({machine['cpu']})")
-    versions, unavailable, _ = probe_loops(loops, 60)
+    versions, unavailable, _ = probe_loops(python_only(loops), 60)
+    client_note = setup_native(args.client, loops, versions, unavailable)
+    progress(f"echo client: {client_note}")
     for name, why in unavailable.items():
         progress(f"{name}: not run: {why}")
     runnable = [name for name in loops if name in versions]
@@ -1173,6 +1364,8 @@ def main():
         "udp": [],
         "part_problems": {part: [] for part in SUB_PARTS},
         "openssl": ssl.OPENSSL_VERSION,
+        "client": client_note,
+        "client_native": bool(NATIVE.get("client")),
     }
     started = time.monotonic()
     certs_dir = tempfile.TemporaryDirectory(prefix="ferroloop-net-")
@@ -1208,13 +1401,15 @@ def main():
         else:
             report["wrk"] = version
             for conns in http_conns:
-                s = measure_http(conns, runnable, args, report["problems"])
+                s = measure_http(conns, python_only(runnable), args, report["problems"])
                 s["conns"] = conns
                 report["http"].append(s)
                 report["problems"] += [f"{n} on http x{conns}: {e}" for n, e in s["errors"].items()]
             items = [((str(s["conns"]),), s) for s in report["http"]]
             print("\nhttp (wrk)")
-            print(table(items, loops, unavailable, ["conns"], with_target=False) + "\n")
+            print(
+                table(items, python_only(loops), unavailable, ["conns"], with_target=False) + "\n"
+            )
 
     if "memory" in parts:
         count, note = idle_connection_count(args.idle)
@@ -1222,11 +1417,11 @@ def main():
         if note:
             progress(note)
         for mode in memory_modes:
-            s = measure_memory(mode, count, runnable, args, report["problems"])
+            s = measure_memory(mode, count, python_only(runnable), args, report["problems"])
             report["memory"][mode] = s
             report["problems"] += [f"{n} on memory ({mode}): {e}" for n, e in s["errors"].items()]
         print("\nmemory")
-        print(memory_table(report["memory"], loops, unavailable) + "\n")
+        print(memory_table(report["memory"], python_only(loops), unavailable) + "\n")
 
     run_sub_parts(
         report,

@@ -1,6 +1,10 @@
-"""The one network benchmark client, the same for every loop's server: plain non-blocking
+"""The Python network benchmark client, the same for every loop's server: plain non-blocking
 sockets on a single ``select.epoll`` (no event loop at all), so that the client costs as little
 CPU per request as Python allows and is the same program whatever loop the server runs.
+
+``net.py`` drives the echo and TLS rows with ``echo_client.c`` (the same ``echo`` protocol and
+output, in C) when it compiles, and falls back to ``echo`` here when it does not; ``udp`` and
+``idle`` always run here.
 
 Usage::
 
