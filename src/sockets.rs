@@ -129,6 +129,30 @@ fn asyncio_coroutine<'py>(
     cls.getattr(name)?.call1(PyTuple::new(py, all)?)
 }
 
+static WEAK_VALUE_DICT: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+/// asyncio's `_ensure_fd_no_transport(fd)` (RuntimeError if a transport that is not
+/// closing owns the fd). The usual answer, "no transport has this fd", is read from the
+/// `WeakValueDictionary`'s own dict without a Python frame; any entry for the fd goes
+/// through asyncio's method, which knows dead entries and `is_closing()`.
+fn ensure_fd_no_transport(loop_: &Bound<'_, PyAny>, fd: i32) -> PyResult<()> {
+    let py = loop_.py();
+    let transports = loop_.getattr(intern!(py, "_transports"))?;
+    if transports
+        .get_type()
+        .is(WEAK_VALUE_DICT.import(py, "weakref", "WeakValueDictionary")?)
+    {
+        let data = transports.getattr(intern!(py, "data"))?;
+        if let Ok(data) = data.cast_exact::<pyo3::types::PyDict>() {
+            if !data.contains(fd)? {
+                return Ok(());
+            }
+        }
+    }
+    loop_.call_method1(intern!(py, "_ensure_fd_no_transport"), (fd,))?;
+    Ok(())
+}
+
 /// A plain non-blocking `socket.socket`: its fd, else None (asyncio's path applies).
 fn plain_socket_fd(sock: &Bound<'_, PyAny>) -> PyResult<Option<i32>> {
     let py = sock.py();
@@ -398,7 +422,7 @@ impl SockCoro {
         let (fd, pending) = op;
         let write = matches!(self.kind, Kind::SendAll | Kind::SendTo);
         let fut = loop_.call_method0(intern!(py, "create_future"))?;
-        loop_.call_method1(intern!(py, "_ensure_fd_no_transport"), (fd,))?;
+        ensure_fd_no_transport(loop_, fd)?;
         let ready = SockReady {
             fut: Some(fut.clone().unbind()),
             sock: Some(sock.clone().unbind()),
@@ -492,9 +516,13 @@ impl SockCoro {
         slf
     }
 
-    fn __next__(&mut self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        let r = self.resume(py, &py.None().into_bound(py));
-        Self::finish(py, r)
+    fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        // Returning None ends the iteration without a StopIteration object to make.
+        match self.resume(py, &py.None().into_bound(py))? {
+            Step::Yield(v) => Ok(Some(v)),
+            Step::Return(v) if v.is_none(py) => Ok(None),
+            Step::Return(v) => Err(stop_iteration(py, v)),
+        }
     }
 
     fn send(&mut self, py: Python<'_>, value: Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
@@ -671,23 +699,27 @@ impl SockReady {
             .bind(py)
             .call_method0(intern!(py, "fileno"))?
             .extract()?;
-        let result: io::Result<Option<Py<PyAny>>> = match &mut self.pending {
-            Pending::Recv(n) => recv_bytes(py, fd, *n).map(|b| Some(b.into_any().unbind())),
-            Pending::RecvInto(buf) => {
-                let view = ByteView::get(buf.bind(py), true)?;
-                recv_into(fd, &view)
-                    .map(|n| Some(n.into_pyobject(py).map(|n| n.into_any().unbind())))
-                    .and_then(|r| r.transpose().map_err(|e| io::Error::other(e.to_string())))
-            }
+        // Ok(None): not ready yet (or not all sent), try again on the next event.
+        let result: PyResult<Option<Py<PyAny>>> = match &mut self.pending {
+            Pending::Recv(n) => match recv_bytes(py, fd, *n) {
+                Ok(b) => Ok(Some(b.into_any().unbind())),
+                Err(e) => io_outcome(e),
+            },
+            Pending::RecvInto(buf) => match ByteView::get(buf.bind(py), true) {
+                Ok(view) => match recv_into(fd, &view) {
+                    Ok(n) => Ok(Some(n.into_pyobject(py)?.into_any().unbind())),
+                    Err(e) => io_outcome(e),
+                },
+                Err(e) => Err(e),
+            },
             Pending::Call { .. } => Ok(None),
             Pending::SendAll { view, pos } => {
-                let data = &view.0.as_slice()[*pos..];
-                match transports::send(fd, data) {
+                match transports::send(fd, &view.0.as_slice()[*pos..]) {
                     Ok(n) => {
                         *pos += n;
                         Ok((*pos == view.0.len()).then(|| py.None()))
                     }
-                    Err(e) => Err(e),
+                    Err(e) => io_outcome(e),
                 }
             }
         };
@@ -696,12 +728,22 @@ impl SockReady {
                 fut.call_method1(intern!(py, "set_result"), (v,))?;
             }
             Ok(None) => {}
-            Err(e) if would_block(&e) || e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_exit(py, &e) => return Err(e),
+            // asyncio hands every other error to the future.
             Err(e) => {
-                fut.call_method1(intern!(py, "set_exception"), (os_error(e).into_value(py),))?;
+                fut.call_method1(intern!(py, "set_exception"), (e.into_value(py),))?;
             }
         }
         Ok(())
+    }
+}
+
+/// A failed syscall in a reader/writer: not ready (try again later) or the OSError.
+fn io_outcome(e: io::Error) -> PyResult<Option<Py<PyAny>>> {
+    if would_block(&e) || e.kind() == io::ErrorKind::Interrupted {
+        Ok(None)
+    } else {
+        Err(os_error(e))
     }
 }
 
@@ -743,12 +785,15 @@ impl SockDone {
         {
             return Ok(());
         }
+        // asyncio's public remove_reader/remove_writer: the transport check, then removal.
+        let loop_ = loop_.bind(py);
+        ensure_fd_no_transport(loop_, self.fd)?;
         let name = if self.write {
-            intern!(py, "remove_writer")
+            intern!(py, "_remove_writer")
         } else {
-            intern!(py, "remove_reader")
+            intern!(py, "_remove_reader")
         };
-        loop_.bind(py).call_method1(name, (self.fd,))?;
+        loop_.call_method1(name, (self.fd,))?;
         Ok(())
     }
 }

@@ -590,3 +590,18 @@ def test_many_concurrent_echoes(loop):
 
     run(loop, main())
     gc.collect()
+
+
+def test_task_repr_while_waiting(loop):
+    async def main():
+        a, b = pair()
+        task = asyncio.ensure_future(loop.sock_recv(a, 100))
+        await turns()
+        assert "sock_recv" in repr(task)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        a.close()
+        b.close()
+
+    run(loop, main())
