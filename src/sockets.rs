@@ -903,12 +903,75 @@ fn sock_accept(loop_: Bound<'_, PyAny>, sock: Bound<'_, PyAny>) -> PyResult<Sock
     new_coro::<0>(Kind::Accept, loop_, sock, [])
 }
 
+/// `am_send` of `SockCoro`: the slot `PyIter_Send` uses (3.11's `await` and ferroloop's Task
+/// step), so a returned value needs no StopIteration object. PyO3 has no way to declare it.
+///
+/// # Safety
+/// Called by CPython with the GIL held, `slf` a live `SockCoro`, `arg` a live object.
+unsafe extern "C" fn sock_coro_am_send(
+    slf: *mut ffi::PyObject,
+    arg: *mut ffi::PyObject,
+    result: *mut *mut ffi::PyObject,
+) -> ffi::PySendResult {
+    // SAFETY: CPython calls slots with the GIL held.
+    let py = unsafe { Python::assume_attached() };
+    // SAFETY: both pointers are live borrowed references for the duration of the call.
+    let (obj, arg) = unsafe {
+        (
+            Bound::from_borrowed_ptr(py, slf),
+            Bound::from_borrowed_ptr(py, arg),
+        )
+    };
+    let r = match obj.cast::<SockCoro>() {
+        Ok(coro) => match coro.try_borrow_mut() {
+            Ok(mut c) => c.resume(py, &arg),
+            Err(e) => Err(e.into()),
+        },
+        Err(e) => Err(e.into()),
+    };
+    match r {
+        Ok(Step::Yield(v)) => {
+            // SAFETY: `result` is a valid out pointer; CPython takes the new reference.
+            unsafe { *result = v.into_ptr() };
+            ffi::PySendResult::PYGEN_NEXT
+        }
+        Ok(Step::Return(v)) => {
+            // SAFETY: as above.
+            unsafe { *result = v.into_ptr() };
+            ffi::PySendResult::PYGEN_RETURN
+        }
+        Err(e) => {
+            e.restore(py);
+            // SAFETY: as above.
+            unsafe { *result = std::ptr::null_mut() };
+            ffi::PySendResult::PYGEN_ERROR
+        }
+    }
+}
+
+/// `Py_TPFLAGS_HAVE_AM_SEND` (3.10+; not in pyo3-ffi).
+const TPFLAGS_HAVE_AM_SEND: std::os::raw::c_ulong = 1 << 21;
+
+fn install_am_send(py: Python<'_>) {
+    let tp = <SockCoro as pyo3::PyTypeInfo>::type_object(py).as_type_ptr();
+    // SAFETY: the type object is live; its `tp_as_async` (PyO3 fills it for `__await__`)
+    // points into the heap type itself. Set once, before any instance exists.
+    unsafe {
+        let am = (*tp).tp_as_async;
+        if !am.is_null() {
+            (*am).am_send = Some(sock_coro_am_send);
+            (*tp).tp_flags |= TPFLAGS_HAVE_AM_SEND;
+        }
+    }
+}
+
 /// Add the operations to the module as methods: each is wrapped in an `instancemethod`, so
 /// a class attribute binds to the loop like a Python function (no Python frame per call).
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_function(wrap_pyfunction!(recv, m)?)?;
     m.add_class::<SockCoro>()?;
+    install_am_send(py);
     for f in [
         wrap_pyfunction!(sock_recv, m)?,
         wrap_pyfunction!(sock_recv_into, m)?,

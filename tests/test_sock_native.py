@@ -605,3 +605,38 @@ def test_task_repr_while_waiting(loop):
         b.close()
 
     run(loop, main())
+
+
+def test_driven_by_hand_send_returns_through_stop_iteration(loop):
+    a, b = pair()
+    b.sendall(b"ready")
+    c = loop.sock_recv(a, 100)
+    with pytest.raises(StopIteration) as info:
+        c.send(None)
+    assert info.value.value == b"ready"
+    c = loop.sock_sendall(a, b"x")
+    with pytest.raises(StopIteration) as info:
+        c.send(None)
+    assert info.value.value is None
+    assert b.recv(10) == b"x"
+    a.close()
+    b.close()
+
+
+def test_awaited_under_a_trace_function(loop):
+    # With a trace function CPython resumes awaited objects through send(), not the slot.
+    import sys
+
+    async def main():
+        a, b = pair()
+        b.sendall(b"traced")
+        sys.settrace(lambda *args: None)
+        try:
+            data = await loop.sock_recv(a, 100)
+        finally:
+            sys.settrace(None)
+        assert data == b"traced"
+        a.close()
+        b.close()
+
+    run(loop, main())
