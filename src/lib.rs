@@ -21,7 +21,7 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<event_loop::EventLoop>()?;
     m.add_class::<handles::Handle>()?;
     m.add_class::<handles::TimerHandle>()?;
-    m.add_function(wrap_pyfunction!(sockets::recv, m)?)?;
+    sockets::register(m)?;
     m.add_class::<task::Task>()?;
     m.add_class::<task::TaskIter>()?;
     m.add_class::<task::TaskWakeup>()?;

@@ -6,11 +6,12 @@ method resolution order. Everything the core does not define (argument handling,
 exception handler, executors, async generators, sockets, transports, servers, TLS, pipes,
 subprocesses, signals) is asyncio's own code for the running Python version, running on the
 native reactor; the TCP/Unix stream (``transports.py``), datagram (``datagram.py``) and pipe
-(``pipes.py``) transports have native cores, TLS is ``sslproto.py``'s, ``sock_recv`` reads
-natively, nested runs are ``nested.py``'s.
+(``pipes.py``) transports have native cores, TLS is ``sslproto.py``'s, ``sock_recv``,
+``sock_recv_into`` and ``sock_sendall`` are native coroutines (``src/sockets.rs``), nested
+runs are ``nested.py``'s.
 """
 
-import functools
+import collections.abc
 import ipaddress
 import os
 import selectors
@@ -20,16 +21,14 @@ import threading
 import weakref
 from asyncio import base_events, constants, events, tasks, unix_events
 
-from . import _compat, child_watcher, datagram, pipes, sslproto, transports
+from . import _compat, _ferroloop, child_watcher, datagram, pipes, sslproto, transports
 from . import nested as _nested
 from ._ferroloop import EventLoop as _NativeLoop
 from ._ferroloop import Handle as _NativeHandle
 from ._ferroloop import Task as _NativeTask
-from ._ferroloop import recv as _recv
 
-# sock_recv reads sizes up to this through the native reusable buffer (a larger buffer would
-# stay allocated for the thread's lifetime); larger reads keep socket.recv.
-_NATIVE_RECV_MAX = 1024 * 1024
+# asyncio.iscoroutine() and create_task() accept the native sock_* coroutines.
+collections.abc.Coroutine.register(_ferroloop.SockCoroutine)
 
 
 def _is_numeric_host(host):
@@ -42,18 +41,6 @@ def _is_numeric_host(host):
     except ValueError:
         return False
     return True
-
-
-def _native_recv_ok(sock, n):
-    # A plain non-blocking socket.socket and a plain int size: the native read gives exactly
-    # socket.recv's result and errors. Anything else (SSL sockets, timeouts, odd sizes) keeps
-    # asyncio's path.
-    return (
-        type(sock) is socket.socket
-        and type(n) is int
-        and 0 <= n <= _NATIVE_RECV_MAX
-        and sock.gettimeout() == 0
-    )
 
 
 def _is_numeric_port(port):
@@ -204,39 +191,15 @@ class Loop(_NativeLoop, unix_events.SelectorEventLoop, metaclass=_nested.LoopTyp
                 self, protocol, args, shell, stdin, stdout, stderr, bufsize, extra, **kwargs
             )
 
-    async def sock_recv(self, sock, n):
-        """Receive up to n bytes from the socket (asyncio's method; the read is native).
-
-        asyncio's ``sock.recv(n)`` allocates n bytes (typically 256 KiB: an mmap and munmap)
-        per call; the native read goes through a reused buffer and copies what arrived.
-        """
-        if not _native_recv_ok(sock, n):
-            return await super().sock_recv(sock, n)
-        try:
-            return _recv(sock.fileno(), n)
-        except (BlockingIOError, InterruptedError):
-            pass
-        fut = self.create_future()
-        fd = sock.fileno()
-        self._ensure_fd_no_transport(fd)
-        handle = self._add_reader(fd, self._sock_recv, fut, sock, n)
-        fut.add_done_callback(functools.partial(self._sock_read_done, fd, handle=handle))
-        return await fut
-
-    def _sock_recv(self, fut, sock, n):
-        # asyncio's reader callback for sock_recv, with the native read when it applies.
-        if fut.done():
-            return
-        try:
-            data = _recv(sock.fileno(), n) if _native_recv_ok(sock, n) else sock.recv(n)
-        except (BlockingIOError, InterruptedError):
-            return  # try again next time
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:  # noqa: BLE001 (asyncio hands every error to the future)
-            fut.set_exception(exc)
-        else:
-            fut.set_result(data)
+    # Native coroutines (src/sockets.rs): the syscall is made on the first send, with no
+    # future, reader or Python frame when the socket is ready; asyncio's slow path otherwise.
+    sock_recv = _ferroloop.sock_recv
+    sock_recv_into = _ferroloop.sock_recv_into
+    sock_sendall = _ferroloop.sock_sendall
+    sock_recvfrom = _ferroloop.sock_recvfrom
+    sock_recvfrom_into = _ferroloop.sock_recvfrom_into
+    sock_sendto = _ferroloop.sock_sendto
+    sock_accept = _ferroloop.sock_accept
 
     async def getaddrinfo(self, host, port, *, family=0, type=0, proto=0, flags=0):
         # A numeric host and port need no name service: answer on the loop thread instead
