@@ -383,7 +383,7 @@ def test_start_tls_then_large_traffic(loop, contexts):
         a, b = socket.socketpair()
         server = Upgrader(loop, server_ctx)
         client = Recorder(loop)
-        (st, _), (ct, _) = await asyncio.gather(
+        (_st, _), (ct, _) = await asyncio.gather(
             loop.connect_accepted_socket(lambda: server, b),
             loop.create_connection(lambda: client, sock=a),
         )
