@@ -73,13 +73,19 @@ pub struct TlsProtocolCore {
     /// The C object behind `_sslobj` (ssl.SSLObject's read/write/pending only forward to
     /// it, in 3.11-3.13), kept by the `_sslobj` setter.
     sslobj_c: Py<PyAny>,
+    /// `read`, `write` and `pending` of `sslobj_c`, bound once (a C object's methods
+    /// cannot be replaced): calls without a method lookup.
+    sslobj_read: Option<Py<PyAny>>,
+    sslobj_write: Option<Py<PyAny>>,
+    sslobj_pending: Option<Py<PyAny>>,
     transport: Py<PyAny>,
     /// The native core of `_transport` when it is ferroloop's socket transport.
     core: Option<Py<StreamCore>>,
-    #[pyo3(get, set)]
-    _incoming: Py<PyAny>,
-    #[pyo3(get, set)]
-    _outgoing: Py<PyAny>,
+    incoming: Py<PyAny>,
+    /// `_incoming.write` and `_outgoing.read`, bound once.
+    incoming_write: Option<Py<PyAny>>,
+    outgoing: Py<PyAny>,
+    outgoing_read: Option<Py<PyAny>>,
     #[pyo3(get, set)]
     _app_protocol: Py<PyAny>,
     #[pyo3(get, set)]
@@ -124,10 +130,15 @@ impl TlsProtocolCore {
             wrapped: false,
             sslobj: none(),
             sslobj_c: none(),
+            sslobj_read: None,
+            sslobj_write: None,
+            sslobj_pending: None,
             transport: none(),
             core: None,
-            _incoming: none(),
-            _outgoing: none(),
+            incoming: none(),
+            incoming_write: None,
+            outgoing: none(),
+            outgoing_read: None,
             _app_protocol: none(),
             _app_protocol_is_buffer: none(),
             _app_reading_paused: none(),
@@ -164,11 +175,39 @@ impl TlsProtocolCore {
     #[setter(_sslobj)]
     fn set_sslobj(&mut self, value: Bound<'_, PyAny>) {
         let py = value.py();
-        self.sslobj_c = match value.getattr(intern!(py, "_sslobj")) {
-            Ok(c) => c.unbind(),
-            Err(_) => value.clone().unbind(),
-        };
+        let c = value
+            .getattr(intern!(py, "_sslobj"))
+            .unwrap_or_else(|_| value.clone());
+        // (None before the handshake starts, and after connection_lost in some versions)
+        self.sslobj_read = bound_method(&c, intern!(py, "read"));
+        self.sslobj_write = bound_method(&c, intern!(py, "write"));
+        self.sslobj_pending = bound_method(&c, intern!(py, "pending"));
+        self.sslobj_c = c.unbind();
         self.sslobj = value.unbind();
+    }
+
+    #[getter(_incoming)]
+    fn get_incoming(&self, py: Python<'_>) -> Py<PyAny> {
+        self.incoming.clone_ref(py)
+    }
+
+    #[setter(_incoming)]
+    fn set_incoming(&mut self, value: Bound<'_, PyAny>) {
+        let py = value.py();
+        self.incoming_write = bound_method(&value, intern!(py, "write"));
+        self.incoming = value.unbind();
+    }
+
+    #[getter(_outgoing)]
+    fn get_outgoing(&self, py: Python<'_>) -> Py<PyAny> {
+        self.outgoing.clone_ref(py)
+    }
+
+    #[setter(_outgoing)]
+    fn set_outgoing(&mut self, value: Bound<'_, PyAny>) {
+        let py = value.py();
+        self.outgoing_read = bound_method(&value, intern!(py, "read"));
+        self.outgoing = value.unbind();
     }
 
     #[getter(_transport)]
@@ -198,8 +237,8 @@ impl TlsProtocolCore {
             &self.sslobj,
             &self.sslobj_c,
             &self.transport,
-            &self._incoming,
-            &self._outgoing,
+            &self.incoming,
+            &self.outgoing,
             &self._app_protocol,
             &self._app_protocol_is_buffer,
             &self._app_reading_paused,
@@ -216,6 +255,15 @@ impl TlsProtocolCore {
         ] {
             visit.call(f)?;
         }
+        for f in [
+            &self.sslobj_read,
+            &self.sslobj_write,
+            &self.sslobj_pending,
+            &self.incoming_write,
+            &self.outgoing_read,
+        ] {
+            visit.call(f)?;
+        }
         visit.call(&self.core)?;
         Ok(())
     }
@@ -226,10 +274,15 @@ impl TlsProtocolCore {
             wrapped: false,
             sslobj: py.None(),
             sslobj_c: py.None(),
+            sslobj_read: None,
+            sslobj_write: None,
+            sslobj_pending: None,
             transport: py.None(),
             core: None,
-            _incoming: py.None(),
-            _outgoing: py.None(),
+            incoming: py.None(),
+            incoming_write: None,
+            outgoing: py.None(),
+            outgoing_read: None,
             _app_protocol: py.None(),
             _app_protocol_is_buffer: py.None(),
             _app_reading_paused: py.None(),
@@ -247,7 +300,38 @@ impl TlsProtocolCore {
     }
 }
 
+/// `obj.name`, bound once when the attribute holding `obj` is set; None when the lookup
+/// fails (a call then looks it up again and raises what asyncio's call would).
+fn bound_method(
+    obj: &Bound<'_, PyAny>,
+    name: &Bound<'_, pyo3::types::PyString>,
+) -> Option<Py<PyAny>> {
+    if obj.is_none() {
+        return None;
+    }
+    obj.getattr(name).ok().map(Bound::unbind)
+}
+
 type Proto<'a, 'py> = &'a Bound<'py, TlsProtocolCore>;
+
+/// A method bound by `bound_method`, or `obj.name` looked up now.
+fn method<'py>(
+    p: Proto<'_, 'py>,
+    cached: impl FnOnce(&TlsProtocolCore) -> &Option<Py<PyAny>>,
+    obj: impl FnOnce(&TlsProtocolCore) -> &Py<PyAny>,
+    name: &Bound<'py, pyo3::types::PyString>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = p.py();
+    let (m, o) = {
+        let s = p.borrow();
+        let m = cached(&s).as_ref().map(|m| m.bind(py).clone());
+        (m, obj(&s).bind(py).clone())
+    };
+    match m {
+        Some(m) => Ok(m),
+        None => o.getattr(name),
+    }
+}
 
 /// A field, cloned out of a short borrow (no borrow is held across a call into Python:
 /// callbacks set these attributes).
@@ -353,7 +437,13 @@ pub fn read_ready(protocol: &Bound<'_, PyAny>, fd: i32) -> Read {
                 ),
             )?
         };
-        field(p, |s| &s._incoming).call_method1(intern!(py, "write"), (&mv,))?;
+        method(
+            p,
+            |s| &s.incoming_write,
+            |s| &s.incoming,
+            intern!(py, "write"),
+        )?
+        .call1((&mv,))?;
         Ok::<_, PyErr>(())
     })();
     drop(view);
@@ -371,9 +461,15 @@ fn do_read(p: Proto<'_, '_>) -> PyResult<()> {
 
 fn do_read_steps(p: Proto<'_, '_>) -> PyResult<()> {
     let py = p.py();
-    let incoming = field(p, |s| &s._incoming);
+    let incoming = field(p, |s| &s.incoming);
     if !flag(p, |s| &s._app_reading_paused)? {
-        let sslobj = field(p, |s| &s.sslobj_c);
+        let read = method(p, |s| &s.sslobj_read, |s| &s.sslobj_c, intern!(py, "read"))?;
+        let ssl_pending = method(
+            p,
+            |s| &s.sslobj_pending,
+            |s| &s.sslobj_c,
+            intern!(py, "pending"),
+        )?;
         let max_size: i64 = p.getattr(intern!(py, "max_size"))?.extract()?;
         let mut eof = false;
         let mut chunks: Vec<Bound<'_, PyAny>> = Vec::new();
@@ -381,24 +477,22 @@ fn do_read_steps(p: Proto<'_, '_>) -> PyResult<()> {
         // plaintext is never longer than its ciphertext): asking for that much instead of
         // max_size returns the same bytes without allocating (and shrinking) a max_size
         // object per read. At least 1: read(0) would return b"" (taken for close_notify).
-        let ssl_pending = |sslobj: &Bound<'_, PyAny>| -> PyResult<i64> {
-            sslobj.call_method0(intern!(py, "pending"))?.extract()
-        };
-        let mut available = pending(&incoming)? + ssl_pending(&sslobj)?;
+        let ssl_pending = || -> PyResult<i64> { ssl_pending.call0()?.extract() };
+        let mut available = pending(&incoming)? + ssl_pending()?;
         loop {
             let size = if max_size < 1 {
                 max_size
             } else {
                 available.clamp(1, max_size)
             };
-            match sslobj.call_method1(intern!(py, "read"), (size,)) {
+            match read.call1((size,)) {
                 Ok(chunk) => {
                     if !chunk.is_truthy()? {
                         eof = true;
                         break;
                     }
                     chunks.push(chunk);
-                    available = pending(&incoming)? + ssl_pending(&sslobj)?;
+                    available = pending(&incoming)? + ssl_pending()?;
                     if available == 0 {
                         break;
                     }
@@ -424,8 +518,7 @@ fn do_read_steps(p: Proto<'_, '_>) -> PyResult<()> {
         }
         if flag(p, |s| &s._write_backlog)? {
             do_write_steps(p)?;
-        } else if pending(&field(p, |s| &s._outgoing))? > 0 || flag(p, |s| &s._app_writing_paused)?
-        {
+        } else if pending(&field(p, |s| &s.outgoing))? > 0 || flag(p, |s| &s._app_writing_paused)? {
             // (else nothing is to be sent, and with no backlog the write buffer is empty:
             // no flow-control change either)
             process_outgoing_steps(p)?;
@@ -456,13 +549,16 @@ fn add_write_buffer_size(p: Proto<'_, '_>, delta: i64) -> PyResult<()> {
 fn do_write_steps(p: Proto<'_, '_>) -> PyResult<()> {
     let py = p.py();
     let backlog = field(p, |s| &s._write_backlog);
-    let sslobj = field(p, |s| &s.sslobj_c);
     let encrypted = (|| {
         while backlog.is_truthy()? {
             let data = backlog.get_item(0)?;
-            let count: usize = sslobj
-                .call_method1(intern!(py, "write"), (&data,))?
-                .extract()?;
+            let write = method(
+                p,
+                |s| &s.sslobj_write,
+                |s| &s.sslobj_c,
+                intern!(py, "write"),
+            )?;
+            let count: usize = write.call1((&data,))?.extract()?;
             let data_len = data.len()?;
             if count < data_len {
                 backlog.set_item(
@@ -489,9 +585,15 @@ fn do_write_steps(p: Proto<'_, '_>) -> PyResult<()> {
 /// socket transport is written to natively (its `write` is its core's).
 fn process_outgoing_steps(p: Proto<'_, '_>) -> PyResult<()> {
     let py = p.py();
-    let outgoing = field(p, |s| &s._outgoing);
+    let outgoing = field(p, |s| &s.outgoing);
     if !flag(p, |s| &s._ssl_writing_paused)? {
-        let data = outgoing.call_method0(intern!(py, "read"))?;
+        let data = method(
+            p,
+            |s| &s.outgoing_read,
+            |s| &s.outgoing,
+            intern!(py, "read"),
+        )?
+        .call0()?;
         if data.is_truthy()? {
             let core = p.borrow().core.as_ref().map(|c| c.clone_ref(py));
             match core {
@@ -568,7 +670,14 @@ fn write_directly(
         backlog.call_method1(intern!(py, "append"), (rest,))?;
         add_write_buffer_size(p, n as i64)
     };
-    match field(p, |s| &s.sslobj_c).call_method1(intern!(py, "write"), (data,)) {
+    let written = method(
+        p,
+        |s| &s.sslobj_write,
+        |s| &s.sslobj_c,
+        intern!(py, "write"),
+    )
+    .and_then(|w| w.call1((data,)));
+    match written {
         Ok(count) => {
             let count: usize = count.extract()?;
             if count < data_len {
