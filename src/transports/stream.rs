@@ -413,12 +413,12 @@ fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
     };
     let protocol = protocol.into_bound(py);
     if tls {
-        return match super::tls::read_ready(&protocol, fd) {
-            TlsRead::Fallback => read_into_buffer(slf, fd, &protocol),
-            TlsRead::WouldBlock | TlsRead::Done => Ok(()),
-            TlsRead::Eof => on_eof(slf, &protocol),
-            TlsRead::Failed(e, message) => fatal_error(slf, e, message),
-        };
+        match super::tls::read_ready(&protocol, fd) {
+            TlsRead::Fallback => {} // the protocol's own get_buffer()/buffer_updated()
+            TlsRead::WouldBlock | TlsRead::Done => return Ok(()),
+            TlsRead::Eof => return on_eof(slf, &protocol),
+            TlsRead::Failed(e, message) => return fatal_error(slf, e, message),
+        }
     }
     if buffered {
         return read_into_buffer(slf, fd, &protocol);
