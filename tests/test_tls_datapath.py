@@ -452,3 +452,30 @@ def test_buffered_protocol_app_large_message(loop, contexts):
         return bytes(server.data) == payload, server.eof, exc
 
     assert run(loop, main()) == (True, True, None)
+
+
+def test_start_tls_inside_tls(loop, contexts):
+    # start_tls() over a TLS transport (asyncio's _SSLProtocolTransport is start_tls
+    # compatible): the inner TLS layer runs over a transport that is not a socket's.
+    async def main():
+        server_ctx, client_ctx = contexts
+        ct, _client, st, _server = await pair(loop, contexts)
+        inner_client = Recorder(loop)
+        inner_server = Recorder(loop)
+        ic, isv = await asyncio.gather(
+            loop.start_tls(ct, inner_client, client_ctx, server_hostname="localhost"),
+            loop.start_tls(st, inner_server, server_ctx, server_side=True),
+        )
+        inner_client.transport = ic
+        inner_server.transport = isv
+        payload = bytes(range(256)) * 200
+        ic.write(payload)
+        await inner_server.until(len(payload))
+        isv.write(b"pong")
+        await inner_client.until(4)
+        ic.close()
+        await inner_server.lost
+        await inner_client.lost
+        return inner_server.data == payload, inner_client.data, inner_server.events
+
+    assert run(loop, main()) == (True, b"pong", ["eof", ("lost", None)])
