@@ -231,8 +231,17 @@ pub(super) fn write(slf: &Bound<'_, StreamCore>, data: &Bound<'_, PyAny>) -> PyR
             ));
         }
     }
-    let view = ByteView::get(data, false)?;
-    let bytes = view.as_slice();
+    // bytes (what TLS records and most writes are) are read in place: no buffer export.
+    let exact = data.cast::<PyBytes>().ok();
+    let view = match exact {
+        Some(_) => None,
+        None => Some(ByteView::get(data, false)?),
+    };
+    let bytes = match (&exact, &view) {
+        (Some(b), _) => b.as_bytes(),
+        (None, Some(v)) => v.as_slice(),
+        (None, None) => &[],
+    };
     if bytes.is_empty() || lost_write(slf)? {
         return Ok(());
     }

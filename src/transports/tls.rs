@@ -472,7 +472,10 @@ fn do_read_steps(p: Proto<'_, '_>) -> PyResult<()> {
         )?;
         let max_size: i64 = p.getattr(intern!(py, "max_size"))?.extract()?;
         let mut eof = false;
-        let mut chunks: Vec<Bound<'_, PyAny>> = Vec::new();
+        // The first chunk, and the rest when a read returns more than one (rare): no
+        // allocation for the usual one.
+        let mut first: Option<Bound<'_, PyAny>> = None;
+        let mut more: Vec<Bound<'_, PyAny>> = Vec::new();
         // What the BIO and the SSLObject hold bounds what a read can return (a record's
         // plaintext is never longer than its ciphertext): asking for that much instead of
         // max_size returns the same bytes without allocating (and shrinking) a max_size
@@ -491,7 +494,11 @@ fn do_read_steps(p: Proto<'_, '_>) -> PyResult<()> {
                         eof = true;
                         break;
                     }
-                    chunks.push(chunk);
+                    if first.is_none() {
+                        first = Some(chunk);
+                    } else {
+                        more.push(chunk);
+                    }
                     available = pending(&incoming)? + ssl_pending()?;
                     if available == 0 {
                         break;
@@ -501,14 +508,15 @@ fn do_read_steps(p: Proto<'_, '_>) -> PyResult<()> {
                 Err(e) => return Err(e),
             }
         }
-        if !chunks.is_empty() {
-            let data = if chunks.len() == 1 {
-                chunks.pop().unwrap()
+        if let Some(first) = first {
+            let data = if more.is_empty() {
+                first
             } else {
+                more.insert(0, first);
                 pyo3::types::PyBytes::new(py, b"")
-                    .call_method1(intern!(py, "join"), (PyTuple::new(py, &chunks)?,))?
+                    .call_method1(intern!(py, "join"), (PyTuple::new(py, &more)?,))?
             };
-            drop(chunks);
+            drop(more);
             field(p, |s| &s._app_protocol).call_method1(intern!(py, "data_received"), (data,))?;
         }
         if eof {
