@@ -232,7 +232,8 @@ pub(super) fn write(slf: &Bound<'_, StreamCore>, data: &Bound<'_, PyAny>) -> PyR
         }
     }
     // bytes (what TLS records and most writes are) are read in place: no buffer export.
-    let exact = data.cast::<PyBytes>().ok();
+    // (Exactly bytes: a 3.12+ subclass may define its own __buffer__.)
+    let exact = data.cast_exact::<PyBytes>().ok();
     let view = match exact {
         Some(_) => None,
         None => Some(ByteView::get(data, false)?),
