@@ -37,6 +37,11 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     task::install(m.py());
     task::remember_factory(m.py(), m.getattr("task_factory")?);
     m.add_class::<transports::stream::StreamCore>()?;
+    m.add_class::<transports::tls::TlsProtocolCore>()?;
+    m.add_function(wrap_pyfunction!(transports::tls::tls_app_write, m)?)?;
+    m.add_function(wrap_pyfunction!(transports::tls::tls_do_read, m)?)?;
+    m.add_function(wrap_pyfunction!(transports::tls::tls_do_write, m)?)?;
+    m.add_function(wrap_pyfunction!(transports::tls::tls_process_outgoing, m)?)?;
     // Datagram and pipe transports (udp.rs, pipe.rs).
     m.add_class::<transports::udp::DatagramCore>()?;
     m.add_class::<transports::pipe::ReadPipeCore>()?;

@@ -175,6 +175,34 @@ def any_coroutine(fs: set[Any]) -> bool: ...
 def gather(args: tuple[Any, ...], return_exceptions: bool) -> Any: ...
 def shield(arg: Any) -> Any: ...
 def recv(fd: int, max_size: int) -> bytes: ...
+def tls_app_write(protocol: TlsProtocolCore, data: Any) -> None: ...
+def tls_do_read(protocol: TlsProtocolCore) -> None: ...
+def tls_do_write(protocol: TlsProtocolCore) -> None: ...
+def tls_process_outgoing(protocol: TlsProtocolCore) -> None: ...
+
+class TlsProtocolCore:
+    """Native base of ferroloop.sslproto.SSLProtocol: the attributes its native TLS data
+    path reads, as fields (asyncio's SSLProtocol sets them in its __init__)."""
+
+    _state: Any
+    _sslobj: Any
+    _transport: Any
+    _incoming: Any
+    _outgoing: Any
+    _app_protocol: Any
+    _app_protocol_is_buffer: Any
+    _app_reading_paused: Any
+    _ssl_reading_paused: Any
+    _ssl_writing_paused: Any
+    _app_writing_paused: Any
+    _write_backlog: Any
+    _write_buffer_size: Any
+    _incoming_high_water: Any
+    _incoming_low_water: Any
+    _outgoing_high_water: Any
+    _outgoing_low_water: Any
+    _ssl_buffer_view: Any
+    def __init__(self, *args: Any, **kwargs: Any) -> None: ...
 
 class StreamCore:
     """The native core of ferroloop.transports._SelectorSocketTransport (one per transport)."""

@@ -163,6 +163,61 @@ class Loop(_NativeLoop, unix_events.SelectorEventLoop, metaclass=_nested.LoopTyp
         transports.SocketTransport(self, rawsock, ssl_protocol, extra=extra, server=server)
         return ssl_protocol._app_transport
 
+    async def start_tls(
+        self,
+        transport,
+        protocol,
+        sslcontext,
+        *,
+        server_side=False,
+        server_hostname=None,
+        ssl_handshake_timeout=None,
+        ssl_shutdown_timeout=None,
+    ):
+        """Upgrade transport to TLS.
+
+        Return a new transport that *protocol* should start using
+        immediately.
+        """
+        # asyncio's method (the same in 3.11-3.13, its checks and errors), building
+        # ferroloop's SSLProtocol so that upgraded connections get the native data path.
+        ssl = base_events.ssl
+        if ssl is None:
+            raise RuntimeError("Python ssl module is not available")
+        if not isinstance(sslcontext, ssl.SSLContext):
+            raise TypeError(
+                f"sslcontext is expected to be an instance of ssl.SSLContext, got {sslcontext!r}"
+            )
+        if not getattr(transport, "_start_tls_compatible", False):
+            raise TypeError(f"transport {transport!r} is not supported by start_tls()")
+
+        waiter = self.create_future()
+        ssl_protocol = sslproto.SSLProtocol(
+            self,
+            protocol,
+            sslcontext,
+            waiter,
+            server_side,
+            server_hostname,
+            ssl_handshake_timeout=ssl_handshake_timeout,
+            ssl_shutdown_timeout=ssl_shutdown_timeout,
+            call_connection_made=False,
+        )
+        # Pause early so that the SSL protocol's reads don't start before its
+        # connection_made().
+        transport.pause_reading()
+        transport.set_protocol(ssl_protocol)
+        conmade_cb = self.call_soon(ssl_protocol.connection_made, transport)
+        resume_cb = self.call_soon(transport.resume_reading)
+        try:
+            await waiter
+        except BaseException:
+            transport.close()
+            conmade_cb.cancel()
+            resume_cb.cancel()
+            raise
+        return ssl_protocol._app_transport
+
     def _make_datagram_transport(self, sock, protocol, address=None, waiter=None, extra=None):
         if _compat.MAKE_TRANSPORT_CHECKS_FD:
             self._ensure_fd_no_transport(sock)

@@ -3,6 +3,7 @@
 
 pub mod pipe;
 pub mod stream;
+pub mod tls;
 pub mod udp;
 
 use std::io;

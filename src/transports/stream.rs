@@ -20,6 +20,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 use pyo3::{PyTraverseError, PyVisit};
 
+use super::tls::{is_tls_protocol, Read as TlsRead};
 use super::{
     buffered_protocol, is_exit, logger, recv_into, send, sendmsg, shutdown_write, would_block,
     ByteView, WriteBuffer, DEFAULT_HIGH_WATER, IOV_MAX, LOG_THRESHOLD_FOR_CONNLOST_WRITES,
@@ -37,6 +38,8 @@ pub struct StreamCore {
     protocol: Py<PyAny>,
     /// The protocol is a BufferedProtocol: read into its `get_buffer()`.
     buffered: bool,
+    /// The protocol is ferroloop's SSLProtocol: its WRAPPED state reads natively (tls.rs).
+    tls: bool,
     protocol_connected: bool,
     buffer: WriteBuffer,
     high_water: usize,
@@ -208,7 +211,7 @@ fn lost_write(slf: &Bound<'_, StreamCore>) -> PyResult<bool> {
     Ok(true)
 }
 
-fn write(slf: &Bound<'_, StreamCore>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+pub(super) fn write(slf: &Bound<'_, StreamCore>, data: &Bound<'_, PyAny>) -> PyResult<()> {
     if !is_bytes_like(data) {
         return Err(PyTypeError::new_err(format!(
             "data argument must be a bytes-like object, not '{}'",
@@ -228,8 +231,18 @@ fn write(slf: &Bound<'_, StreamCore>, data: &Bound<'_, PyAny>) -> PyResult<()> {
             ));
         }
     }
-    let view = ByteView::get(data, false)?;
-    let bytes = view.as_slice();
+    // bytes (what TLS records and most writes are) are read in place: no buffer export.
+    // (Exactly bytes: a 3.12+ subclass may define its own __buffer__.)
+    let exact = data.cast_exact::<PyBytes>().ok();
+    let view = match exact {
+        Some(_) => None,
+        None => Some(ByteView::get(data, false)?),
+    };
+    let bytes = match (&exact, &view) {
+        (Some(b), _) => b.as_bytes(),
+        (None, Some(v)) => v.as_slice(),
+        (None, None) => &[],
+    };
     if bytes.is_empty() || lost_write(slf)? {
         return Ok(());
     }
@@ -395,14 +408,28 @@ fn write_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
 
 fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
     let py = slf.py();
-    let (fd, buffered, max_size, protocol) = {
+    let (fd, buffered, tls, max_size, protocol) = {
         let s = slf.borrow();
         if s.conn_lost > 0 {
             return Ok(());
         }
-        (s.fd, s.buffered, s.max_size, s.protocol.clone_ref(py))
+        (
+            s.fd,
+            s.buffered,
+            s.tls,
+            s.max_size,
+            s.protocol.clone_ref(py),
+        )
     };
     let protocol = protocol.into_bound(py);
+    if tls {
+        match super::tls::read_ready(&protocol, fd) {
+            TlsRead::Fallback => {} // the protocol's own get_buffer()/buffer_updated()
+            TlsRead::WouldBlock | TlsRead::Done => return Ok(()),
+            TlsRead::Eof => return on_eof(slf, &protocol),
+            TlsRead::Failed(e, message) => return fatal_error(slf, e, message),
+        }
+    }
     if buffered {
         return read_into_buffer(slf, fd, &protocol);
     }
@@ -532,8 +559,10 @@ fn force_close(slf: &Bound<'_, StreamCore>, exc: Bound<'_, PyAny>) -> PyResult<(
 
 fn set_protocol(slf: &Bound<'_, StreamCore>, protocol: Bound<'_, PyAny>) -> PyResult<()> {
     let buffered = protocol.is_instance(buffered_protocol(slf.py())?)?;
+    let tls = is_tls_protocol(&protocol);
     let mut s = slf.borrow_mut();
     s.buffered = buffered;
+    s.tls = tls;
     s.protocol = protocol.unbind();
     s.protocol_connected = true;
     Ok(())
@@ -552,12 +581,14 @@ impl StreamCore {
     ) -> PyResult<Self> {
         let py = loop_.py();
         let buffered = protocol.is_instance(buffered_protocol(py)?)?;
+        let tls = is_tls_protocol(&protocol);
         Ok(StreamCore {
             fd,
             loop_: loop_.unbind(),
             transport: transport.unbind(),
             protocol: protocol.unbind(),
             buffered,
+            tls,
             protocol_connected: true,
             buffer: WriteBuffer::default(),
             high_water: DEFAULT_HIGH_WATER,
