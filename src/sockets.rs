@@ -36,6 +36,11 @@ use pyo3::PyTraverseError;
 use crate::errors::os_error;
 use crate::transports::{self, ByteView};
 
+mod ipaddr;
+mod sendfile;
+
+use ipaddr::connect_address;
+
 thread_local! {
     static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
@@ -135,7 +140,7 @@ static WEAK_VALUE_DICT: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 /// closing owns the fd). The usual answer, "no transport has this fd", is read from the
 /// `WeakValueDictionary`'s own dict without a Python frame; any entry for the fd goes
 /// through asyncio's method, which knows dead entries and `is_closing()`.
-fn ensure_fd_no_transport(loop_: &Bound<'_, PyAny>, fd: i32) -> PyResult<()> {
+pub(crate) fn ensure_fd_no_transport(loop_: &Bound<'_, PyAny>, fd: i32) -> PyResult<()> {
     let py = loop_.py();
     let transports = loop_.getattr(intern!(py, "_transports"))?;
     if transports
@@ -175,6 +180,7 @@ enum Kind {
     RecvFromInto,
     SendTo,
     Accept,
+    Connect,
 }
 
 impl Kind {
@@ -187,6 +193,7 @@ impl Kind {
             Kind::RecvFromInto => "sock_recvfrom_into",
             Kind::SendTo => "sock_sendto",
             Kind::Accept => "sock_accept",
+            Kind::Connect => "sock_connect",
         }
     }
 }
@@ -369,6 +376,21 @@ impl SockCoro {
                     },
                 )
             }
+            Kind::Connect => {
+                let Some(fd) = plain_socket_fd(sock)? else {
+                    return Ok(None);
+                };
+                let Some(address) = connect_address(loop_, sock, arg)? else {
+                    return Ok(None);
+                };
+                // asyncio's `_sock_connect`: the socket's own connect; not finished yet
+                // (BlockingIOError: EINPROGRESS, or InterruptedError) waits for writability.
+                let call_args = PyTuple::new(py, [&address])?;
+                match call_socket(sock, intern!(py, "connect"), &call_args, false)? {
+                    Some(_) => return Ok(Some(Step::Return(py.None()))),
+                    None => (fd, Pending::Connect(address.unbind())),
+                }
+            }
             Kind::RecvFrom | Kind::RecvFromInto | Kind::SendTo | Kind::Accept => {
                 let Some(fd) = plain_socket_fd(sock)? else {
                     return Ok(None);
@@ -420,7 +442,7 @@ impl SockCoro {
     ) -> PyResult<Step> {
         let py = loop_.py();
         let (fd, pending) = op;
-        let write = matches!(self.kind, Kind::SendAll | Kind::SendTo);
+        let write = matches!(self.kind, Kind::SendAll | Kind::SendTo | Kind::Connect);
         let fut = loop_.call_method0(intern!(py, "create_future"))?;
         ensure_fd_no_transport(loop_, fd)?;
         let ready = SockReady {
@@ -611,6 +633,8 @@ enum Pending {
         args: Py<PyTuple>,
         accept: bool,
     },
+    /// A connect in progress to this (resolved) address.
+    Connect(Py<PyAny>),
 }
 
 /// `sock.<name>(*args)`: its result, or None when the socket is not ready (asyncio's
@@ -661,6 +685,7 @@ impl SockReady {
         match &self.pending {
             Pending::RecvInto(b) => visit.call(b)?,
             Pending::Call { args, .. } => visit.call(args)?,
+            Pending::Connect(address) => visit.call(address)?,
             _ => {}
         }
         Ok(())
@@ -693,6 +718,21 @@ impl SockReady {
             }
             return Ok(());
         }
+        if let Pending::Connect(address) = &self.pending {
+            match connect_result(sock.bind(py), address.bind(py)) {
+                Ok(()) => {
+                    fut.call_method1(intern!(py, "set_result"), (py.None(),))?;
+                }
+                Err(e)
+                    if e.is_instance_of::<pyo3::exceptions::PyBlockingIOError>(py)
+                        || e.is_instance_of::<pyo3::exceptions::PyInterruptedError>(py) => {}
+                Err(e) if is_exit(py, &e) => return Err(e),
+                Err(e) => {
+                    fut.call_method1(intern!(py, "set_exception"), (e.into_value(py),))?;
+                }
+            }
+            return Ok(());
+        }
         // The socket's current fd, as asyncio's `sock.recv` uses: -1 once it is closed, so
         // a closed socket gives EBADF rather than reading whatever reused the number.
         let fd: i32 = sock
@@ -712,7 +752,7 @@ impl SockReady {
                 },
                 Err(e) => Err(e),
             },
-            Pending::Call { .. } => Ok(None),
+            Pending::Call { .. } | Pending::Connect(_) => Ok(None),
             Pending::SendAll { view, pos } => {
                 match transports::send(fd, &view.0.as_slice()[*pos..]) {
                     Ok(n) => {
@@ -736,6 +776,37 @@ impl SockReady {
         }
         Ok(())
     }
+}
+
+/// asyncio's `_sock_connect_cb` check once the socket is writable: the socket's
+/// `SO_ERROR`, nonzero raised as `OSError(err, f'Connect call failed {address}')` (a
+/// BlockingIOError or InterruptedError means "not yet", as there).
+fn connect_result(sock: &Bound<'_, PyAny>, address: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = sock.py();
+    let err: i32 = sock
+        .call_method1(
+            intern!(py, "getsockopt"),
+            (libc::SOL_SOCKET, libc::SO_ERROR),
+        )?
+        .extract()?;
+    if err == 0 {
+        return Ok(());
+    }
+    // f'{address}' is format(address, ''), which is not always str(address).
+    let empty = PyString::new(py, "");
+    // SAFETY: both objects are live; PyObject_Format returns a new reference or NULL
+    // with an error set.
+    let text = unsafe {
+        Bound::from_owned_ptr_or_err(py, ffi::PyObject_Format(address.as_ptr(), empty.as_ptr()))?
+    };
+    let msg = format!(
+        "Connect call failed {}",
+        text.cast_into::<PyString>()?.to_str()?
+    );
+    // OSError(errno, msg) picks the subclass (ConnectionRefusedError, ...) as asyncio's does.
+    let exc =
+        <pyo3::exceptions::PyOSError as pyo3::PyTypeInfo>::type_object(py).call1((err, msg))?;
+    Err(PyErr::from_value(exc))
 }
 
 /// A failed syscall in a reader/writer: not ready (try again later) or the OSError.
@@ -815,7 +886,7 @@ fn new_coro<'py, const N: usize>(
 }
 
 /// SystemExit and KeyboardInterrupt propagate out of a callback (asyncio re-raises them).
-fn is_exit(py: Python<'_>, e: &PyErr) -> bool {
+pub(crate) fn is_exit(py: Python<'_>, e: &PyErr) -> bool {
     e.is_instance_of::<pyo3::exceptions::PySystemExit>(py)
         || e.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py)
 }
@@ -896,6 +967,17 @@ fn sock_sendto<'py>(
     new_coro(Kind::SendTo, loop_, sock, [data, address])
 }
 
+/// `loop.sock_connect(sock, address)`: connect to the address (resolved as asyncio does).
+#[pyfunction]
+#[pyo3(name = "sock_connect", signature = (loop_, sock, address))]
+fn sock_connect<'py>(
+    loop_: Bound<'py, PyAny>,
+    sock: Bound<'py, PyAny>,
+    address: Bound<'py, PyAny>,
+) -> PyResult<SockCoro> {
+    new_coro(Kind::Connect, loop_, sock, [address])
+}
+
 /// `loop.sock_accept(sock)`: (conn, address), conn non-blocking.
 #[pyfunction]
 #[pyo3(name = "sock_accept", signature = (loop_, sock))]
@@ -969,6 +1051,7 @@ fn install_am_send(py: Python<'_>) {
 /// a class attribute binds to the loop like a Python function (no Python frame per call).
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
+    ipaddr::init(py)?;
     m.add_function(wrap_pyfunction!(recv, m)?)?;
     m.add_class::<SockCoro>()?;
     install_am_send(py);
@@ -980,12 +1063,20 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(sock_recvfrom_into, m)?,
         wrap_pyfunction!(sock_sendto, m)?,
         wrap_pyfunction!(sock_accept, m)?,
+        wrap_pyfunction!(sock_connect, m)?,
     ] {
-        let name = f.getattr(intern!(py, "__name__"))?;
-        // SAFETY: `f` is a live callable; PyInstanceMethod_New returns a new reference or
-        // NULL with an error set.
-        let method = unsafe { Bound::from_owned_ptr_or_err(py, PyInstanceMethod_New(f.as_ptr()))? };
-        m.add(name.cast_into::<pyo3::types::PyString>()?, method)?;
+        add_method(m, f.as_any())?;
     }
-    Ok(())
+    sendfile::register(m)
+}
+
+/// Add `f` to the module under its `__name__`, wrapped in an `instancemethod` so that a
+/// class attribute binds to the loop like a Python function.
+pub(crate) fn add_method(m: &Bound<'_, PyModule>, f: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = m.py();
+    let name = f.getattr(intern!(py, "__name__"))?;
+    // SAFETY: `f` is a live callable; PyInstanceMethod_New returns a new reference or
+    // NULL with an error set.
+    let method = unsafe { Bound::from_owned_ptr_or_err(py, PyInstanceMethod_New(f.as_ptr()))? };
+    m.add(name.cast_into::<pyo3::types::PyString>()?, method)
 }

@@ -7,8 +7,9 @@ exception handler, executors, async generators, sockets, transports, servers, TL
 subprocesses, signals) is asyncio's own code for the running Python version, running on the
 native reactor; the TCP/Unix stream (``transports.py``), datagram (``datagram.py``) and pipe
 (``pipes.py``) transports have native cores, TLS is ``sslproto.py``'s, ``sock_recv``,
-``sock_recv_into`` and ``sock_sendall`` are native coroutines (``src/sockets.rs``), nested
-runs are ``nested.py``'s.
+``sock_sendall``, ``sock_connect`` and the other ``sock_*`` methods are native coroutines
+(``src/sockets.rs``; ``sock_sendfile``'s data path is ``src/sendfile.rs``), nested runs are
+``nested.py``'s.
 """
 
 import collections.abc
@@ -255,6 +256,9 @@ class Loop(_NativeLoop, unix_events.SelectorEventLoop, metaclass=_nested.LoopTyp
     sock_recvfrom_into = _ferroloop.sock_recvfrom_into
     sock_sendto = _ferroloop.sock_sendto
     sock_accept = _ferroloop.sock_accept
+    sock_connect = _ferroloop.sock_connect
+    # sock_sendfile is asyncio's; its data path (one call per chunk) is native.
+    _sock_sendfile_native_impl = _ferroloop._sock_sendfile_native_impl
 
     async def getaddrinfo(self, host, port, *, family=0, type=0, proto=0, flags=0):
         # A numeric host and port need no name service: answer on the loop thread instead
