@@ -1,6 +1,8 @@
-//! The loop's low-level socket operations (asyncio's `loop.sock_recv`, `sock_recv_into` and
-//! `sock_sendall` in `selector_events`) as native coroutine objects, and the socket read
-//! the transports share (through one reusable buffer per thread).
+//! The loop's low-level socket operations (asyncio's `loop.sock_recv`, `sock_recv_into`,
+//! `sock_sendall`, `sock_recvfrom(_into)`, `sock_sendto`, `sock_accept` and `sock_connect`
+//! in `selector_events`) as native coroutine objects, and the socket read the transports
+//! share (through one reusable buffer per thread). `sock_connect`'s address is
+//! `ipaddr.rs`'s; `sock_sendfile`'s data path is `sendfile.rs`.
 //!
 //! asyncio's methods are `async def`: `loop.sock_recv(sock, n)` returns a coroutine that
 //! does nothing until it is first resumed, then tries the operation at once and, only when
@@ -211,7 +213,7 @@ enum State {
     Done,
 }
 
-/// The coroutine `loop.sock_recv`, `loop.sock_recv_into` and `loop.sock_sendall` return
+/// The coroutine `loop.sock_recv` and the other native `sock_*` methods return
 /// (registered as a `collections.abc.Coroutine`).
 #[pyclass(
     module = "ferroloop._ferroloop",
@@ -792,17 +794,9 @@ fn connect_result(sock: &Bound<'_, PyAny>, address: &Bound<'_, PyAny>) -> PyResu
     if err == 0 {
         return Ok(());
     }
-    // f'{address}' is format(address, ''), which is not always str(address).
-    let empty = PyString::new(py, "");
-    // SAFETY: both objects are live; PyObject_Format returns a new reference or NULL
-    // with an error set.
-    let text = unsafe {
-        Bound::from_owned_ptr_or_err(py, ffi::PyObject_Format(address.as_ptr(), empty.as_ptr()))?
-    };
-    let msg = format!(
-        "Connect call failed {}",
-        text.cast_into::<PyString>()?.to_str()?
-    );
+    // f'Connect call failed {address}': str.format formats the same way (format(address, '')).
+    let msg = PyString::new(py, "Connect call failed {}")
+        .call_method1(intern!(py, "format"), (address,))?;
     // OSError(errno, msg) picks the subclass (ConnectionRefusedError, ...) as asyncio's does.
     let exc =
         <pyo3::exceptions::PyOSError as pyo3::PyTypeInfo>::type_object(py).call1((err, msg))?;
