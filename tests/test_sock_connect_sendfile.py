@@ -120,6 +120,26 @@ def test_connect_to_listening_socket(loop, family):
     run(loop, main())
 
 
+def test_unix_connect_completes_on_first_step(loop):
+    # A connect that succeeds at once never suspends (asyncio's future is already done).
+    tmp = tempfile.mkdtemp(prefix="sock2-")
+    path = os.path.join(tmp, "s")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen()
+    c = nonblocking(socket.AF_UNIX)
+    coro = loop.sock_connect(c, path)
+    with pytest.raises(StopIteration) as info:
+        coro.send(None)
+    assert info.value.value is None
+    assert not has_writer(loop, c.fileno())
+    conn, _ = srv.accept()
+    for s in (c, conn, srv):
+        s.close()
+    os.unlink(path)
+    os.rmdir(tmp)
+
+
 def test_connect_needing_resolution(loop):
     async def main():
         srv = socket.create_server(("127.0.0.1", 0))
