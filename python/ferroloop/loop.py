@@ -8,8 +8,8 @@ subprocesses, signals) is asyncio's own code for the running Python version, run
 native reactor; the TCP/Unix stream (``transports.py``), datagram (``datagram.py``) and pipe
 (``pipes.py``) transports have native cores, TLS is ``sslproto.py``'s, ``sock_recv``,
 ``sock_sendall``, ``sock_connect`` and the other ``sock_*`` methods are native coroutines
-(``src/sockets.rs``; ``sock_sendfile``'s data path is ``src/sendfile.rs``), nested runs are
-``nested.py``'s.
+(``src/sockets.rs``; ``sock_sendfile``'s data path is ``src/sockets/sendfile.rs``), nested
+runs are ``nested.py``'s.
 """
 
 import collections.abc
