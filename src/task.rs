@@ -468,15 +468,26 @@ fn step(slf: &Bound<'_, Task>, exc: Option<Bound<'_, PyAny>>) -> PyResult<()> {
 }
 
 fn enter_task(loop_: &Bound<'_, PyAny>, task: &Bound<'_, PyAny>) -> PyResult<()> {
-    let d = current_tasks(loop_.py())?;
-    if let Some(other) = d.get_item(loop_)? {
+    let py = loop_.py();
+    let d = current_tasks(py)?;
+    let before = d.len();
+    // One lookup for asyncio's `if loop in _current_tasks: raise ...` and the insertion:
+    // setdefault leaves the dict as it was when another task is there.
+    // SAFETY: live objects; PyDict_SetDefault returns a borrowed reference or NULL.
+    let cur = unsafe {
+        Bound::from_borrowed_ptr_or_err(
+            py,
+            ffi::PyDict_SetDefault(d.as_ptr(), loop_.as_ptr(), task.as_ptr()),
+        )?
+    };
+    if d.len() == before {
         return Err(PyRuntimeError::new_err(format!(
             "Cannot enter into task {} while another task {} is being executed.",
             repr_of(task),
-            repr_of(&other)
+            repr_of(&cur)
         )));
     }
-    d.set_item(loop_, task)
+    Ok(())
 }
 
 fn leave_task(loop_: &Bound<'_, PyAny>, task: &Bound<'_, PyAny>) -> PyResult<()> {
@@ -556,6 +567,20 @@ fn handle_yield(slf: &Bound<'_, Task>, result: Bound<'_, PyAny>) -> PyResult<()>
         add_wakeup(fut, slf)?;
         return set_waiter(slf, result);
     }
+    if is_c_future(py, &result)? {
+        // asyncio's own (C) Future, not a subclass: its attributes are its type's, so read
+        // them directly (asyncio's C Task reads the struct fields).
+        let name = intern!(py, "_asyncio_future_blocking");
+        let blocking = result.getattr(name)?.is_truthy()?;
+        let same_loop = result.getattr(intern!(py, "_loop"))?.is(&loop_);
+        if !check_awaited(slf, &result, same_loop, blocking)? {
+            return Ok(());
+        }
+        result.setattr(name, false)?;
+        let wakeup = wakeup_callable(slf)?;
+        add_done_callback(&result, wakeup.as_any(), slf.borrow().context.as_ref())?;
+        return set_waiter(slf, result);
+    }
     let blocking = match result.getattr_opt(intern!(py, "_asyncio_future_blocking"))? {
         Some(b) if !b.is_none() => Some(b.is_truthy()?),
         _ => None,
@@ -568,15 +593,7 @@ fn handle_yield(slf: &Bound<'_, Task>, result: Bound<'_, PyAny>) -> PyResult<()>
             }
             result.setattr(intern!(py, "_asyncio_future_blocking"), false)?;
             let wakeup = wakeup_callable(slf)?;
-            let ctx = slf.borrow().context.as_ref().map(|c| c.clone_ref(py));
-            let ctx = ctx.map_or_else(|| py.None().into_bound(py), |c| c.into_bound(py));
-            py::call_method_kw(
-                &result,
-                intern!(py, "add_done_callback"),
-                &[wakeup.as_any()],
-                py::kw_context(py)?,
-                &ctx,
-            )?;
+            add_done_callback(&result, wakeup.as_any(), slf.borrow().context.as_ref())?;
             set_waiter(slf, result)
         }
         None if result.is_none() => schedule_step(slf, None),
@@ -598,6 +615,39 @@ fn handle_yield(slf: &Bound<'_, Task>, result: Bound<'_, PyAny>) -> PyResult<()>
             )
         }
     }
+}
+
+/// asyncio's C Future type (`_asyncio.Future`), if the accelerator module is there.
+static C_FUTURE_TYPE: PyOnceLock<Option<Py<PyType>>> = PyOnceLock::new();
+
+/// Whether `obj` is exactly asyncio's C Future (no subclass: a subclass may override).
+fn is_c_future(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let ty = C_FUTURE_TYPE.get_or_try_init(py, || {
+        Ok::<_, PyErr>(match py.import("_asyncio") {
+            Ok(m) => Some(m.getattr("Future")?.cast_into::<PyType>()?.unbind()),
+            Err(_) => None,
+        })
+    })?;
+    Ok(ty.as_ref().is_some_and(|t| obj.get_type().is(t.bind(py))))
+}
+
+/// `fut.add_done_callback(callback, context=ctx)` as one vectorcall (asyncio's C method
+/// takes the keyword as part of the vector: no dict is built).
+fn add_done_callback(
+    fut: &Bound<'_, PyAny>,
+    callback: &Bound<'_, PyAny>,
+    ctx: Option<&Py<PyAny>>,
+) -> PyResult<()> {
+    let py = fut.py();
+    let ctx = ctx.map_or_else(|| py.None().into_bound(py), |c| c.bind(py).clone());
+    py::call_method_kw(
+        fut,
+        intern!(py, "add_done_callback"),
+        &[callback],
+        py::kw_context(py)?,
+        &ctx,
+    )
+    .map(drop)
 }
 
 /// asyncio's checks on a yielded future: of this loop, yielded by `await` (blocking), not
