@@ -1204,6 +1204,18 @@ pub fn install(py: Python<'_>) {
         (*raw).tp_flags |= ffi::Py_TPFLAGS_HAVE_FINALIZE;
         ffi::PyType_Modified(raw);
     }
+    // TaskIter's am_send (see task_iter_am_send). 3.10's PyIter_Send would also need a type
+    // flag, and ignores the slot without it.
+    let it = py.get_type::<TaskIter>();
+    let raw = it.as_type_ptr();
+    // SAFETY: as above; a heap type's tp_as_async points into the type object itself.
+    unsafe {
+        let am = (*raw).tp_as_async;
+        if !am.is_null() && (*am).am_send.is_none() {
+            (*am).am_send = Some(task_iter_am_send);
+            ffi::PyType_Modified(raw);
+        }
+    }
 }
 
 // --- Python API -----------------------------------------------------------------------
@@ -1680,25 +1692,79 @@ pub struct TaskIter {
     yielded: bool,
 }
 
+/// One step of `await task`: the task to yield, or the await's value (None: the iterator
+/// was already exhausted, a bare StopIteration).
+enum IterStep<'py> {
+    Yield(Bound<'py, Task>),
+    Return(Option<Bound<'py, PyAny>>),
+}
+
 impl TaskIter {
-    fn next<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, Task>>> {
+    fn advance<'py>(&mut self, py: Python<'py>) -> PyResult<IterStep<'py>> {
         let Some(task) = self.task.as_ref().map(|t| t.bind(py).clone()) else {
-            return Ok(None);
+            return Ok(IterStep::Return(None));
         };
         if task.borrow().state == State::Pending {
             if !self.yielded {
                 self.yielded = true;
                 task.borrow_mut().blocking = true;
-                return Ok(Some(task));
+                return Ok(IterStep::Yield(task));
             }
             self.task = None;
             return Err(PyRuntimeError::new_err("await wasn't used with future"));
         }
         self.task = None;
-        let value = task_result(&task)?;
-        Err(pyo3::exceptions::PyStopIteration::new_err(
-            (value.unbind(),),
-        ))
+        Ok(IterStep::Return(Some(task_result(&task)?)))
+    }
+
+    fn next<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, Task>>> {
+        match self.advance(py)? {
+            IterStep::Yield(t) => Ok(Some(t)),
+            IterStep::Return(None) => Ok(None),
+            IterStep::Return(Some(value)) => Err(pyo3::exceptions::PyStopIteration::new_err((
+                value.unbind(),
+            ))),
+        }
+    }
+}
+
+/// `am_send` of `TaskIter` (as asyncio's C FutureIter has): `await task` on Python 3.11
+/// (whose SEND opcode calls it) gets the task's result back without a StopIteration
+/// exception being made and caught. PyO3 has no such slot; `install` sets it.
+///
+/// The value sent is ignored (see `send`).
+///
+/// # Safety
+/// Called by CPython with the GIL held, `iter` a TaskIter and `result` a valid out-pointer.
+unsafe extern "C" fn task_iter_am_send(
+    iter: *mut ffi::PyObject,
+    _arg: *mut ffi::PyObject,
+    result: *mut *mut ffi::PyObject,
+) -> ffi::PySendResult {
+    let py = Python::assume_attached();
+    *result = std::ptr::null_mut();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let it = Bound::from_borrowed_ptr(py, iter).cast_into::<TaskIter>()?;
+        let mut it = it.try_borrow_mut()?;
+        it.advance(py)
+    }));
+    match outcome {
+        Ok(Ok(IterStep::Yield(task))) => {
+            *result = task.into_ptr();
+            ffi::PySendResult::PYGEN_NEXT
+        }
+        Ok(Ok(IterStep::Return(value))) => {
+            *result = value.map_or_else(|| ffi::Py_NewRef(ffi::Py_None()), Bound::into_ptr);
+            ffi::PySendResult::PYGEN_RETURN
+        }
+        Ok(Err(e)) => {
+            e.restore(py);
+            ffi::PySendResult::PYGEN_ERROR
+        }
+        Err(_) => {
+            pyo3::panic::PanicException::new_err("panic in TaskIter.send").restore(py);
+            ffi::PySendResult::PYGEN_ERROR
+        }
     }
 }
 
@@ -1723,16 +1789,12 @@ impl TaskIter {
         self.next(py)
     }
 
+    /// The value sent is ignored, as asyncio's FutureIter (C) and `Future.__await__` do.
     fn send<'py>(
         &mut self,
         py: Python<'py>,
-        value: Bound<'py, PyAny>,
+        _value: Bound<'py, PyAny>,
     ) -> PyResult<Option<Bound<'py, Task>>> {
-        if !value.is_none() {
-            return Err(PyTypeError::new_err(
-                "can't send non-None value to a FutureIter",
-            ));
-        }
         match self.next(py)? {
             Some(t) => Ok(Some(t)),
             None => Err(pyo3::exceptions::PyStopIteration::new_err(())),

@@ -2864,3 +2864,86 @@ def test_asyncio_future_wakeup_goes_through_a_patched_call_soon(tloop):
     got = scenario(tloop.create_task)
     assert got[0] == ("result", "patched") and len(got[1]) == 1
     assert got == _oracle(tloop, scenario)
+
+
+# --- `await task`: the awaiting coroutine gets the task's outcome (on 3.11 through the
+# iterator's am_send slot, without a StopIteration)
+
+
+@pytest.mark.parametrize("when", ["done", "pending"])
+@pytest.mark.parametrize("outcome", ["value", "none", "error", "cancel"])
+def test_awaiting_a_task_outcomes(tloop, when, outcome):
+    def scenario(make_task):
+        gate = tloop.create_future()
+
+        async def inner():
+            if when == "pending":
+                await gate
+            if outcome == "error":
+                _thrower()
+            if outcome == "cancel":
+                raise asyncio.CancelledError("stop")
+            return None if outcome == "none" else ("v", 1)
+
+        async def outer(t):
+            try:
+                return "ok", await t
+            except ValueError as e:
+                frames = [f.name for f in traceback.extract_tb(e.__traceback__)]
+                return "raised", repr(e), "_thrower" in frames, "inner" in frames
+            except asyncio.CancelledError as e:
+                return "cancelled", e.args
+
+        t = make_task(inner())
+        run_briefly(tloop)
+        o = make_task(outer(t))
+        run_briefly(tloop)
+        gate.set_result(None)
+        return tloop.run_until_complete(o), t.done()
+
+    got = scenario(tloop.create_task)
+    assert got == _oracle(tloop, scenario)
+    assert got[1] is True
+
+
+def test_awaiting_a_task_through_yield_from_and_send(tloop):
+    def scenario(make_task):
+        gate = tloop.create_future()
+
+        async def inner():
+            await gate
+            return "inner"
+
+        @types.coroutine
+        def via_yield_from(t):
+            return (yield from t)
+
+        async def outer(t):
+            return await via_yield_from(t)
+
+        t = make_task(inner())
+        out = [tloop.run_until_complete(make_task(outer(make_task(value(3)))))]
+        # A value sent into a coroutine waiting on a task is ignored, as asyncio does.
+        c = outer(t)
+        out.append(c.send(None) is t)
+        gate.set_result(None)
+        tloop.run_until_complete(t)
+        try:
+            c.send("ignored")
+        except StopIteration as e:
+            out.append(e.args)
+        # The iterator itself: next/send after the end.
+        it = t.__await__()
+        try:
+            next(it)
+        except StopIteration as e:
+            out.append(("stop", e.args))
+        try:
+            next(it)
+        except StopIteration as e:
+            out.append(("again", e.args))
+        return out
+
+    got = scenario(tloop.create_task)
+    assert got[:3] == [3, True, ("inner",)]
+    assert got == _oracle(tloop, scenario)
