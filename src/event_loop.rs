@@ -6,7 +6,8 @@ use std::collections::VecDeque;
 use pyo3::exceptions::PyTypeError;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyTuple, PyWeakrefReference};
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyTuple, PyWeakrefReference};
 
 use crate::errors::{loop_closed, os_error};
 use crate::handles::{run_handle, Handle, RunOutcome};
@@ -120,6 +121,28 @@ impl EventLoop {
             Ok(())
         }
     }
+}
+
+/// asyncio's C Future type (`_asyncio.Future`), when the accelerator is there, and the
+/// keyword dict `create_future` reuses for it.
+static C_FUTURE: PyOnceLock<Option<(Py<PyAny>, Py<PyDict>)>> = PyOnceLock::new();
+
+/// The reusable `{"loop": ...}` dict when `cls` is asyncio's C Future. Only that class gets
+/// it: a class written in Python or another extension might keep the dict it is given.
+fn c_future_kwargs<'py>(
+    py: Python<'py>,
+    cls: &Bound<'py, PyAny>,
+) -> PyResult<Option<&'py Bound<'py, PyDict>>> {
+    let cached = C_FUTURE.get_or_try_init(py, || {
+        Ok::<_, PyErr>(match py.import("_asyncio") {
+            Ok(m) => Some((m.getattr("Future")?.unbind(), PyDict::new(py).unbind())),
+            Err(_) => None,
+        })
+    })?;
+    Ok(match cached {
+        Some((c, kwargs)) if cls.is(c) => Some(kwargs.bind(py)),
+        _ => None,
+    })
 }
 
 /// `_io_key`'s answer: (selectors event mask, reader, writer).
@@ -530,7 +553,20 @@ impl EventLoop {
     /// without its Python frame).
     fn create_future<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
-        py::call_kw(&py::future_class(py)?, &[], py::kw_loop(py)?, slf.as_any())
+        let cls = py::future_class(py)?;
+        if let Some(kwargs) = c_future_kwargs(py, &cls)? {
+            // asyncio's C Future (not a patched class): called with a reused keyword dict
+            // rather than one built per call. Its __init__ only parses the dict, and takes
+            // its own reference to the loop before it can run any Python code, so a nested
+            // create_future (from a get_debug override) may reuse the dict meanwhile.
+            let key = intern!(py, "loop");
+            kwargs.set_item(key, slf)?;
+            let fut = cls.call((), Some(kwargs));
+            // The dict must not keep the loop alive.
+            kwargs.set_item(key, py.None())?;
+            return fut;
+        }
+        py::call_kw(&cls, &[], py::kw_loop(py)?, slf.as_any())
     }
 
     /// `loop.create_task(coro, *, name=None, context=None)`: asyncio's own Task. The plain

@@ -94,10 +94,20 @@ pub fn call_method_kw<'py>(
     kwvalue: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let py = obj.py();
-    let mut stack: Vec<*mut pyo3::ffi::PyObject> = Vec::with_capacity(args.len() + 2);
-    stack.push(obj.as_ptr());
-    stack.extend(args.iter().map(|a| a.as_ptr()));
-    stack.push(kwvalue.as_ptr());
+    // On the stack for the usual one or two arguments (these calls are per task step).
+    let mut small = [std::ptr::null_mut(); 4];
+    let mut large = Vec::new();
+    let stack: &mut [*mut pyo3::ffi::PyObject] = if args.len() + 2 <= small.len() {
+        &mut small[..args.len() + 2]
+    } else {
+        large.resize(args.len() + 2, std::ptr::null_mut());
+        &mut large
+    };
+    stack[0] = obj.as_ptr();
+    for (slot, a) in stack[1..].iter_mut().zip(args) {
+        *slot = a.as_ptr();
+    }
+    stack[args.len() + 1] = kwvalue.as_ptr();
     // SAFETY: every pointer in `stack` is a live object borrowed for the call; `kwname` is
     // a tuple of one str naming the last element; the result is a new reference or NULL.
     unsafe {

@@ -468,15 +468,26 @@ fn step(slf: &Bound<'_, Task>, exc: Option<Bound<'_, PyAny>>) -> PyResult<()> {
 }
 
 fn enter_task(loop_: &Bound<'_, PyAny>, task: &Bound<'_, PyAny>) -> PyResult<()> {
-    let d = current_tasks(loop_.py())?;
-    if let Some(other) = d.get_item(loop_)? {
+    let py = loop_.py();
+    let d = current_tasks(py)?;
+    let before = d.len();
+    // One lookup for asyncio's `if loop in _current_tasks: raise ...` and the insertion:
+    // setdefault leaves the dict as it was when another task is there.
+    // SAFETY: live objects; PyDict_SetDefault returns a borrowed reference or NULL.
+    let cur = unsafe {
+        Bound::from_borrowed_ptr_or_err(
+            py,
+            ffi::PyDict_SetDefault(d.as_ptr(), loop_.as_ptr(), task.as_ptr()),
+        )?
+    };
+    if d.len() == before {
         return Err(PyRuntimeError::new_err(format!(
             "Cannot enter into task {} while another task {} is being executed.",
             repr_of(task),
-            repr_of(&other)
+            repr_of(&cur)
         )));
     }
-    d.set_item(loop_, task)
+    Ok(())
 }
 
 fn leave_task(loop_: &Bound<'_, PyAny>, task: &Bound<'_, PyAny>) -> PyResult<()> {
@@ -556,6 +567,20 @@ fn handle_yield(slf: &Bound<'_, Task>, result: Bound<'_, PyAny>) -> PyResult<()>
         add_wakeup(fut, slf)?;
         return set_waiter(slf, result);
     }
+    if is_c_future(py, &result)? {
+        // asyncio's own (C) Future, not a subclass: its attributes are its type's, so read
+        // them directly (asyncio's C Task reads the struct fields).
+        let name = intern!(py, "_asyncio_future_blocking");
+        let blocking = result.getattr(name)?.is_truthy()?;
+        let same_loop = result.getattr(intern!(py, "_loop"))?.is(&loop_);
+        if !check_awaited(slf, &result, same_loop, blocking)? {
+            return Ok(());
+        }
+        result.setattr(name, false)?;
+        let wakeup = wakeup_callable(slf)?;
+        add_done_callback(&result, wakeup.as_any(), slf.borrow().context.as_ref())?;
+        return set_waiter(slf, result);
+    }
     let blocking = match result.getattr_opt(intern!(py, "_asyncio_future_blocking"))? {
         Some(b) if !b.is_none() => Some(b.is_truthy()?),
         _ => None,
@@ -568,15 +593,7 @@ fn handle_yield(slf: &Bound<'_, Task>, result: Bound<'_, PyAny>) -> PyResult<()>
             }
             result.setattr(intern!(py, "_asyncio_future_blocking"), false)?;
             let wakeup = wakeup_callable(slf)?;
-            let ctx = slf.borrow().context.as_ref().map(|c| c.clone_ref(py));
-            let ctx = ctx.map_or_else(|| py.None().into_bound(py), |c| c.into_bound(py));
-            py::call_method_kw(
-                &result,
-                intern!(py, "add_done_callback"),
-                &[wakeup.as_any()],
-                py::kw_context(py)?,
-                &ctx,
-            )?;
+            add_done_callback(&result, wakeup.as_any(), slf.borrow().context.as_ref())?;
             set_waiter(slf, result)
         }
         None if result.is_none() => schedule_step(slf, None),
@@ -598,6 +615,39 @@ fn handle_yield(slf: &Bound<'_, Task>, result: Bound<'_, PyAny>) -> PyResult<()>
             )
         }
     }
+}
+
+/// asyncio's C Future type (`_asyncio.Future`), if the accelerator module is there.
+static C_FUTURE_TYPE: PyOnceLock<Option<Py<PyType>>> = PyOnceLock::new();
+
+/// Whether `obj` is exactly asyncio's C Future (no subclass: a subclass may override).
+fn is_c_future(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let ty = C_FUTURE_TYPE.get_or_try_init(py, || {
+        Ok::<_, PyErr>(match py.import("_asyncio") {
+            Ok(m) => Some(m.getattr("Future")?.cast_into::<PyType>()?.unbind()),
+            Err(_) => None,
+        })
+    })?;
+    Ok(ty.as_ref().is_some_and(|t| obj.get_type().is(t.bind(py))))
+}
+
+/// `fut.add_done_callback(callback, context=ctx)` as one vectorcall (asyncio's C method
+/// takes the keyword as part of the vector: no dict is built).
+fn add_done_callback(
+    fut: &Bound<'_, PyAny>,
+    callback: &Bound<'_, PyAny>,
+    ctx: Option<&Py<PyAny>>,
+) -> PyResult<()> {
+    let py = fut.py();
+    let ctx = ctx.map_or_else(|| py.None().into_bound(py), |c| c.bind(py).clone());
+    py::call_method_kw(
+        fut,
+        intern!(py, "add_done_callback"),
+        &[callback],
+        py::kw_context(py)?,
+        &ctx,
+    )
+    .map(drop)
 }
 
 /// asyncio's checks on a yielded future: of this loop, yielded by `await` (blocking), not
@@ -1154,6 +1204,18 @@ pub fn install(py: Python<'_>) {
         (*raw).tp_flags |= ffi::Py_TPFLAGS_HAVE_FINALIZE;
         ffi::PyType_Modified(raw);
     }
+    // TaskIter's am_send (see task_iter_am_send). 3.10's PyIter_Send would also need a type
+    // flag, and ignores the slot without it.
+    let it = py.get_type::<TaskIter>();
+    let raw = it.as_type_ptr();
+    // SAFETY: as above; a heap type's tp_as_async points into the type object itself.
+    unsafe {
+        let am = (*raw).tp_as_async;
+        if !am.is_null() && (*am).am_send.is_none() {
+            (*am).am_send = Some(task_iter_am_send);
+            ffi::PyType_Modified(raw);
+        }
+    }
 }
 
 // --- Python API -----------------------------------------------------------------------
@@ -1630,25 +1692,79 @@ pub struct TaskIter {
     yielded: bool,
 }
 
+/// One step of `await task`: the task to yield, or the await's value (None: the iterator
+/// was already exhausted, a bare StopIteration).
+enum IterStep<'py> {
+    Yield(Bound<'py, Task>),
+    Return(Option<Bound<'py, PyAny>>),
+}
+
 impl TaskIter {
-    fn next<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, Task>>> {
+    fn advance<'py>(&mut self, py: Python<'py>) -> PyResult<IterStep<'py>> {
         let Some(task) = self.task.as_ref().map(|t| t.bind(py).clone()) else {
-            return Ok(None);
+            return Ok(IterStep::Return(None));
         };
         if task.borrow().state == State::Pending {
             if !self.yielded {
                 self.yielded = true;
                 task.borrow_mut().blocking = true;
-                return Ok(Some(task));
+                return Ok(IterStep::Yield(task));
             }
             self.task = None;
             return Err(PyRuntimeError::new_err("await wasn't used with future"));
         }
         self.task = None;
-        let value = task_result(&task)?;
-        Err(pyo3::exceptions::PyStopIteration::new_err(
-            (value.unbind(),),
-        ))
+        Ok(IterStep::Return(Some(task_result(&task)?)))
+    }
+
+    fn next<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, Task>>> {
+        match self.advance(py)? {
+            IterStep::Yield(t) => Ok(Some(t)),
+            IterStep::Return(None) => Ok(None),
+            IterStep::Return(Some(value)) => Err(pyo3::exceptions::PyStopIteration::new_err((
+                value.unbind(),
+            ))),
+        }
+    }
+}
+
+/// `am_send` of `TaskIter` (as asyncio's C FutureIter has): `await task` on Python 3.11
+/// (whose SEND opcode calls it) gets the task's result back without a StopIteration
+/// exception being made and caught. PyO3 has no such slot; `install` sets it.
+///
+/// The value sent is ignored (see `send`).
+///
+/// # Safety
+/// Called by CPython with the GIL held, `iter` a TaskIter and `result` a valid out-pointer.
+unsafe extern "C" fn task_iter_am_send(
+    iter: *mut ffi::PyObject,
+    _arg: *mut ffi::PyObject,
+    result: *mut *mut ffi::PyObject,
+) -> ffi::PySendResult {
+    let py = Python::assume_attached();
+    *result = std::ptr::null_mut();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let it = Bound::from_borrowed_ptr(py, iter).cast_into::<TaskIter>()?;
+        let mut it = it.try_borrow_mut()?;
+        it.advance(py)
+    }));
+    match outcome {
+        Ok(Ok(IterStep::Yield(task))) => {
+            *result = task.into_ptr();
+            ffi::PySendResult::PYGEN_NEXT
+        }
+        Ok(Ok(IterStep::Return(value))) => {
+            *result = value.map_or_else(|| ffi::Py_NewRef(ffi::Py_None()), Bound::into_ptr);
+            ffi::PySendResult::PYGEN_RETURN
+        }
+        Ok(Err(e)) => {
+            e.restore(py);
+            ffi::PySendResult::PYGEN_ERROR
+        }
+        Err(_) => {
+            pyo3::panic::PanicException::new_err("panic in TaskIter.send").restore(py);
+            ffi::PySendResult::PYGEN_ERROR
+        }
     }
 }
 
@@ -1673,16 +1789,12 @@ impl TaskIter {
         self.next(py)
     }
 
+    /// The value sent is ignored, as asyncio's FutureIter (C) and `Future.__await__` do.
     fn send<'py>(
         &mut self,
         py: Python<'py>,
-        value: Bound<'py, PyAny>,
+        _value: Bound<'py, PyAny>,
     ) -> PyResult<Option<Bound<'py, Task>>> {
-        if !value.is_none() {
-            return Err(PyTypeError::new_err(
-                "can't send non-None value to a FutureIter",
-            ));
-        }
         match self.next(py)? {
             Some(t) => Ok(Some(t)),
             None => Err(pyo3::exceptions::PyStopIteration::new_err(())),

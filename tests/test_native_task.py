@@ -14,6 +14,8 @@ import gc
 import io
 import re
 import sys
+import threading
+import traceback
 import types
 import weakref
 
@@ -2693,3 +2695,255 @@ def test_duck_typed_futures(tloop):
     got = scenario(tloop.create_task)
     assert got == _oracle(tloop, scenario)
     assert got[0] == "quack"
+
+
+# --- a task awaiting asyncio's own (C) Future: the exact type is read without method calls
+
+
+async def _await_and_report(fut):
+    try:
+        return "result", await fut
+    except asyncio.CancelledError as e:
+        return "cancelled", e.args
+    except ValueError as e:
+        frames = [f.name for f in traceback.extract_tb(e.__traceback__)]
+        return "raised", repr(e), "_thrower" in frames
+
+
+def _thrower():
+    raise ValueError("boom")
+
+
+@pytest.mark.parametrize("outcome", ["result", "exception", "cancel", "cancel_msg", "thread"])
+def test_awaiting_an_asyncio_future(tloop, outcome):
+    def scenario(make_task):
+        fut = tloop.create_future()
+        assert type(fut) is asyncio.Future
+        t = make_task(_await_and_report(fut))
+        run_briefly(tloop)
+        # While waiting: asyncio's bookkeeping on the future and the task.
+        waiting = (
+            fut._asyncio_future_blocking,
+            len(fut._callbacks),
+            t.done(),
+        )
+        if outcome == "result":
+            fut.set_result(42)
+        elif outcome == "exception":
+            try:
+                _thrower()
+            except ValueError as e:
+                fut.set_exception(e)
+        elif outcome == "cancel":
+            fut.cancel()
+        elif outcome == "cancel_msg":
+            fut.cancel("why")
+        else:
+            th = threading.Thread(target=tloop.call_soon_threadsafe, args=(fut.set_result, "t"))
+            th.start()
+            th.join()
+        return waiting, tloop.run_until_complete(t), t.cancelled()
+
+    got = scenario(tloop.create_task)
+    assert got == _oracle(tloop, scenario)
+    assert got[0][:2] == (False, 1)
+    if outcome == "exception":
+        # The traceback reaches the frame that raised.
+        assert got[1] == ("raised", "ValueError('boom')", True)
+
+
+def test_awaiting_an_asyncio_future_of_another_loop(tloop, loop_kind):
+    other = new_loop(loop_kind)
+    try:
+
+        def scenario(make_task):
+            fut = other.create_future()
+
+            async def body():
+                try:
+                    await fut
+                except RuntimeError as e:
+                    return str(e).replace(repr(fut), "FUT").split(" got ")[1]
+
+            return tloop.run_until_complete(make_task(body()))
+
+        got = scenario(tloop.create_task)
+        assert got == "Future FUT attached to a different loop"
+        assert got == _oracle(tloop, scenario)
+    finally:
+        other.close()
+
+
+def test_asyncio_future_yielded_without_await(tloop):
+    def scenario(make_task):
+        fut = tloop.create_future()
+
+        @types.coroutine
+        def bad():
+            yield fut  # _asyncio_future_blocking is False: not from `await`
+
+        async def body():
+            try:
+                await bad()
+            except RuntimeError as e:
+                return str(e).split(" in task ")[0]
+
+        return tloop.run_until_complete(make_task(body())), fut.done()
+
+    got = scenario(tloop.create_task)
+    assert got == ("yield was used instead of yield from", False)
+    assert got == _oracle(tloop, scenario)
+
+
+class _CountingFuture(asyncio.Future):
+    """A Future subclass whose methods a waiting task must call (not read past)."""
+
+    def __init__(self, *, loop):
+        super().__init__(loop=loop)
+        self.calls = []
+
+    def get_loop(self):
+        self.calls.append("get_loop")
+        return super().get_loop()
+
+    def add_done_callback(self, fn, *, context=None):
+        self.calls.append("add_done_callback")
+        return super().add_done_callback(fn, context=context)
+
+    def result(self):
+        self.calls.append("result")
+        return super().result()
+
+
+def test_awaiting_a_future_subclass_calls_its_methods(tloop):
+    def scenario(make_task):
+        fut = _CountingFuture(loop=tloop)
+        t = make_task(_await_and_report(fut))
+        run_briefly(tloop)
+        tloop.call_soon(fut.set_result, "sub")
+        return tloop.run_until_complete(t), fut.calls
+
+    got = scenario(tloop.create_task)
+    assert got[0] == ("result", "sub")
+    assert got == _oracle(tloop, scenario)
+
+
+def test_awaiting_an_asyncio_future_in_debug_mode(tloop):
+    tloop.set_debug(True)
+
+    def scenario(make_task):
+        fut = tloop.create_future()
+        t = make_task(_await_and_report(fut))
+        run_briefly(tloop)
+        fut.set_result("dbg")
+        return tloop.run_until_complete(t)
+
+    assert scenario(tloop.create_task) == ("result", "dbg")
+    assert scenario(tloop.create_task) == _oracle(tloop, scenario)
+
+
+def test_asyncio_future_wakeup_goes_through_a_patched_call_soon(tloop):
+    def scenario(make_task):
+        fut = tloop.create_future()
+        t = make_task(_await_and_report(fut))
+        run_briefly(tloop)
+        seen = []
+        original = tloop.call_soon
+
+        def call_soon(callback, *args, context=None):
+            seen.append(getattr(callback, "__qualname__", None))
+            return original(callback, *args, context=context)
+
+        tloop.call_soon = call_soon
+        try:
+            fut.set_result("patched")
+            return tloop.run_until_complete(t), seen[:1]
+        finally:
+            del tloop.call_soon
+
+    got = scenario(tloop.create_task)
+    assert got[0] == ("result", "patched") and len(got[1]) == 1
+    assert got == _oracle(tloop, scenario)
+
+
+# --- `await task`: the awaiting coroutine gets the task's outcome (on 3.11 through the
+# iterator's am_send slot, without a StopIteration)
+
+
+@pytest.mark.parametrize("when", ["done", "pending"])
+@pytest.mark.parametrize("outcome", ["value", "none", "error", "cancel"])
+def test_awaiting_a_task_outcomes(tloop, when, outcome):
+    def scenario(make_task):
+        gate = tloop.create_future()
+
+        async def inner():
+            if when == "pending":
+                await gate
+            if outcome == "error":
+                _thrower()
+            if outcome == "cancel":
+                raise asyncio.CancelledError("stop")
+            return None if outcome == "none" else ("v", 1)
+
+        async def outer(t):
+            try:
+                return "ok", await t
+            except ValueError as e:
+                frames = [f.name for f in traceback.extract_tb(e.__traceback__)]
+                return "raised", repr(e), "_thrower" in frames, "inner" in frames
+            except asyncio.CancelledError as e:
+                return "cancelled", e.args
+
+        t = make_task(inner())
+        run_briefly(tloop)
+        o = make_task(outer(t))
+        run_briefly(tloop)
+        gate.set_result(None)
+        return tloop.run_until_complete(o), t.done()
+
+    got = scenario(tloop.create_task)
+    assert got == _oracle(tloop, scenario)
+    assert got[1] is True
+
+
+def test_awaiting_a_task_through_yield_from_and_send(tloop):
+    def scenario(make_task):
+        gate = tloop.create_future()
+
+        async def inner():
+            await gate
+            return "inner"
+
+        @types.coroutine
+        def via_yield_from(t):
+            return (yield from t)
+
+        async def outer(t):
+            return await via_yield_from(t)
+
+        t = make_task(inner())
+        out = [tloop.run_until_complete(make_task(outer(make_task(value(3)))))]
+        # A value sent into a coroutine waiting on a task is ignored, as asyncio does.
+        c = outer(t)
+        out.append(c.send(None) is t)
+        gate.set_result(None)
+        tloop.run_until_complete(t)
+        try:
+            c.send("ignored")
+        except StopIteration as e:
+            out.append(e.args)
+        # The iterator itself: next/send after the end.
+        it = t.__await__()
+        try:
+            next(it)
+        except StopIteration as e:
+            out.append(("stop", e.args))
+        try:
+            next(it)
+        except StopIteration as e:
+            out.append(("again", e.args))
+        return out
+
+    got = scenario(tloop.create_task)
+    assert got[:3] == [3, True, ("inner",)]
+    assert got == _oracle(tloop, scenario)

@@ -3,10 +3,13 @@ TaskGroup, cancellation, task factories) running on each loop."""
 
 import asyncio
 import contextvars
+import gc
 import sys
+import weakref
 
 import ferroloop
 import pytest
+from parity_helpers import new_loop
 
 PY311 = sys.version_info >= (3, 11)
 needs_311 = pytest.mark.skipif(not PY311, reason="3.11+ API")
@@ -637,3 +640,52 @@ def test_create_future_returns_an_asyncio_future(loop):
     assert isinstance(fut, asyncio.Future)
     assert fut.get_loop() is loop
     fut.cancel()
+
+
+def test_create_future_nested_in_get_debug(loop_kind):
+    # Future.__init__ calls loop.get_debug(): a create_future made there gets its own loop.
+    inner = new_loop(loop_kind)
+    made = []
+
+    class Loop(type(inner)):
+        def get_debug(self):
+            if not made:
+                made.append(inner.create_future())
+            return super().get_debug()
+
+    outer = Loop()
+    try:
+        fut = outer.create_future()
+        assert fut.get_loop() is outer
+        assert made[0].get_loop() is inner
+        assert outer.create_future().get_loop() is outer
+        assert inner.create_future().get_loop() is inner
+    finally:
+        outer.close()
+        inner.close()
+
+
+def test_create_future_keeps_no_reference_to_the_loop(loop_kind):
+    lp = new_loop(loop_kind)
+    fut = lp.create_future()
+    fut.cancel()
+    lp.close()
+    ref = weakref.ref(lp)
+    del lp, fut
+    gc.collect()
+    assert ref() is None
+
+
+def test_create_future_uses_a_patched_future_class(loop, monkeypatch):
+    made = []
+
+    class Future(asyncio.Future):
+        def __init__(self, *, loop=None):
+            made.append(loop)
+            super().__init__(loop=loop)
+
+    monkeypatch.setattr(asyncio.futures, "Future", Future)
+    fut = loop.create_future()
+    assert type(fut) is Future and made == [loop]
+    monkeypatch.undo()
+    assert type(loop.create_future()) is asyncio.Future
