@@ -183,3 +183,29 @@ pub fn recursion_guarded<T>(
     unsafe { pyo3::ffi::Py_LeaveRecursiveCall() };
     r
 }
+
+/// The exception a generator-like `throw(typ, val, tb)` raises (generators' rules): an
+/// instance of `typ` (or `typ` itself), with `tb` as its traceback when given.
+pub fn thrown_exception<'py>(
+    typ: Bound<'py, PyAny>,
+    val: Option<Bound<'py, PyAny>>,
+    tb: Option<Bound<'py, PyAny>>,
+) -> PyResult<PyErr> {
+    let py = typ.py();
+    let exc = if typ.is_instance_of::<pyo3::types::PyType>() {
+        match val {
+            Some(v) if v.is_instance(&typ)? => v,
+            Some(v) if !v.is_none() => typ.call1((v,))?,
+            _ => typ.call0()?,
+        }
+    } else {
+        typ
+    };
+    let exc = match tb {
+        Some(tb) if !tb.is_none() => {
+            exc.call_method1(pyo3::intern!(py, "with_traceback"), (tb,))?
+        }
+        _ => exc,
+    };
+    Ok(PyErr::from_value(exc))
+}

@@ -263,29 +263,6 @@ fn iter_send(iter: &Bound<'_, PyAny>, value: &Bound<'_, PyAny>) -> PyResult<Step
     }
 }
 
-/// The exception `throw(typ, val, tb)` raises (generators' rules, as `TaskIter.throw`).
-fn make_exception<'py>(
-    typ: Bound<'py, PyAny>,
-    val: Option<Bound<'py, PyAny>>,
-    tb: Option<Bound<'py, PyAny>>,
-) -> PyResult<PyErr> {
-    let py = typ.py();
-    let exc = if typ.is_instance_of::<PyType>() {
-        match val {
-            Some(v) if v.is_instance(&typ)? => v,
-            Some(v) if !v.is_none() => typ.call1((v,))?,
-            _ => typ.call0()?,
-        }
-    } else {
-        typ
-    };
-    let exc = match tb {
-        Some(tb) if !tb.is_none() => exc.call_method1(intern!(py, "with_traceback"), (tb,))?,
-        _ => exc,
-    };
-    Ok(PyErr::from_value(exc))
-}
-
 impl SockCoro {
     /// The first resumption: the native attempt, else asyncio's coroutine.
     fn start(&mut self, py: Python<'_>) -> PyResult<Step> {
@@ -581,11 +558,11 @@ impl SockCoro {
             State::Waiting { fut, .. } => {
                 // asyncio's coroutine would leave its reader registered until the future
                 // is collected: cancel it so the done callback removes the reader now.
-                let exc = make_exception(typ, val, tb)?;
+                let exc = crate::py::thrown_exception(typ, val, tb)?;
                 Self::cancel_wait(py, &fut)?;
                 Err(exc)
             }
-            State::Start | State::Done => Err(make_exception(typ, val, tb)?),
+            State::Start | State::Done => Err(crate::py::thrown_exception(typ, val, tb)?),
         }
     }
 

@@ -1804,26 +1804,12 @@ impl TaskIter {
     #[pyo3(signature = (typ, val=None, tb=None))]
     fn throw(
         &mut self,
-        py: Python<'_>,
         typ: Bound<'_, PyAny>,
         val: Option<Bound<'_, PyAny>>,
         tb: Option<Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         self.task = None;
-        let exc = if typ.is_instance_of::<PyType>() {
-            match val {
-                Some(v) if v.is_instance(&typ)? => v,
-                Some(v) if !v.is_none() => typ.call1((v,))?,
-                _ => typ.call0()?,
-            }
-        } else {
-            typ
-        };
-        let exc = match tb {
-            Some(tb) if !tb.is_none() => exc.call_method1(intern!(py, "with_traceback"), (tb,))?,
-            _ => exc,
-        };
-        Err(PyErr::from_value(exc))
+        Err(crate::py::thrown_exception(typ, val, tb)?)
     }
 
     fn close(&mut self) {
