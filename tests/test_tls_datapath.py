@@ -341,6 +341,50 @@ def test_write_type_errors(loop, contexts):
     ]
 
 
+def test_write_call_shapes(loop, contexts):
+    # The application transport's write (a native method on ferroloop): bound, unbound, by
+    # keyword, through super() from a subclass, and wrongly, as asyncio's.
+    async def main():
+        ct, _client, _st, server = await pair(loop, contexts)
+        cls = type(ct)
+        ct.write(b"a")
+        cls.write(ct, b"b")
+        ct.write(data=b"c")
+        cls.write(ct, data=bytearray(b"d"))
+        errors = []
+        for call in (
+            lambda: ct.write(),
+            lambda: ct.write(b"a", b"b"),
+            lambda: ct.write(other=b"a"),
+            lambda: cls.write(ct, 1),
+        ):
+            try:
+                call()
+            except TypeError as exc:
+                errors.append(str(exc))
+
+        class Sub(cls):
+            def write(self, data):
+                super().write(data.upper())
+
+        ct.__class__ = Sub
+        ct.write(b"e")
+        ct.__class__ = cls
+        await server.until(5)
+        ct.close()
+        await server.lost
+        return server.data, errors
+
+    data, errors = run(loop, main())
+    assert data == b"abcdE"
+    assert errors == [
+        "_SSLProtocolTransport.write() missing 1 required positional argument: 'data'",
+        "_SSLProtocolTransport.write() takes 2 positional arguments but 3 were given",
+        "_SSLProtocolTransport.write() got an unexpected keyword argument 'other'",
+        "data: expecting a bytes-like instance, got int",
+    ]
+
+
 class Upgrader(asyncio.Protocol):
     """Plain until it reads STARTTLS, then upgrades and echoes what it reads over TLS."""
 

@@ -17,7 +17,7 @@ use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::ffi;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{PyBytes, PyDict, PyType};
 use pyo3::{PyTraverseError, PyVisit};
 
 use super::tls::{is_tls_protocol, Read as TlsRead};
@@ -617,6 +617,16 @@ impl StreamCore {
         self.transport = py.None();
         self.protocol = py.None();
         self.empty_waiter = None;
+    }
+
+    /// A `write` method descriptor for the Python transport class `cls` (`method.rs`),
+    /// replacing `fallback`, its Python definition.
+    #[staticmethod]
+    fn _write_descriptor<'py>(
+        cls: &Bound<'py, PyType>,
+        fallback: Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        super::method::stream_write_descriptor(cls, fallback)
     }
 
     /// `transport.write(data)`: send at once when nothing is queued, else queue.

@@ -155,6 +155,16 @@ impl TlsProtocolCore {
         }
     }
 
+    /// A `write` method descriptor for the application transport class `cls`
+    /// (`method.rs`), replacing `fallback`, its Python definition.
+    #[staticmethod]
+    fn _app_write_descriptor<'py>(
+        cls: &Bound<'py, PyType>,
+        fallback: Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        super::method::tls_write_descriptor(cls, fallback)
+    }
+
     #[getter(_state)]
     fn get_state(&self, py: Python<'_>) -> Py<PyAny> {
         self.state.clone_ref(py)
@@ -638,6 +648,11 @@ fn is_bytes_like(obj: &Bound<'_, PyAny>) -> bool {
 /// the data is encrypted and sent at once.
 #[pyfunction]
 pub fn tls_app_write(p: &Bound<'_, TlsProtocolCore>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+    app_write(p, data)
+}
+
+/// `_SSLProtocolTransport.write(data)` on the protocol `p` (see `tls_app_write`).
+pub fn app_write(p: &Bound<'_, TlsProtocolCore>, data: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = p.py();
     if !is_bytes_like(data) {
         return Err(PyTypeError::new_err(format!(
