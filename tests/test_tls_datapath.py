@@ -111,6 +111,27 @@ def test_record_split_across_reads(loop, contexts):
     assert run(loop, main())
 
 
+def test_small_max_size_leaves_plaintext_in_the_sslobject(loop, contexts):
+    # Reads of max_size bytes leave the rest of each record's plaintext inside the
+    # SSLObject: all of it still arrives, in order, with no more bytes from the socket.
+    async def main():
+        ct, client, st, server = await pair(loop, contexts)
+        st._ssl_protocol.max_size = 100
+        payload = bytes(range(256)) * 200
+        ct.write(payload)
+        await server.until(len(payload))
+        sizes = {len(c) for c in server.chunks}
+        ct.write(b"end")
+        await server.until(len(payload) + 3)
+        ct.close()
+        await server.lost
+        return server.data == payload + b"end", max(sizes)
+
+    same, biggest = run(loop, main())
+    assert same
+    assert biggest >= 100
+
+
 def test_pause_and_resume_reading(loop, contexts):
     async def main():
         ct, _client, st, server = await pair(loop, contexts)

@@ -490,8 +490,19 @@ fn do_read_steps(p: Proto<'_, '_>) -> PyResult<()> {
         // plaintext is never longer than its ciphertext): asking for that much instead of
         // max_size returns the same bytes without allocating (and shrinking) a max_size
         // object per read. At least 1: read(0) would return b"" (taken for close_notify).
+        //
+        // `SSLObject.pending()` releases and retakes the GIL (`_ssl` wraps SSL_pending in
+        // Py_BEGIN_ALLOW_THREADS): it is asked only when its answer can be non-zero. A read
+        // returns plaintext of the records OpenSSL has processed (one at a time: CPython
+        // never sets read_ahead) until the request is filled; a read that returns less than
+        // asked for has emptied them, so SSL_pending is then 0. Before the first read, what
+        // the SSLObject holds is only needed when the BIO is empty (with ciphertext in the
+        // BIO a read happens anyway, and a read that fills the request asks again).
         let ssl_pending = || -> PyResult<i64> { ssl_pending.call0()?.extract() };
-        let mut available = pending(&incoming)? + ssl_pending()?;
+        let mut available = pending(&incoming)?;
+        if available == 0 {
+            available = ssl_pending()?;
+        }
         loop {
             let size = if max_size < 1 {
                 max_size
@@ -500,7 +511,8 @@ fn do_read_steps(p: Proto<'_, '_>) -> PyResult<()> {
             };
             match read.call1((size,)) {
                 Ok(chunk) => {
-                    if !chunk.is_truthy()? {
+                    let got = chunk.len()? as i64;
+                    if got == 0 {
                         eof = true;
                         break;
                     }
@@ -509,7 +521,10 @@ fn do_read_steps(p: Proto<'_, '_>) -> PyResult<()> {
                     } else {
                         more.push(chunk);
                     }
-                    available = pending(&incoming)? + ssl_pending()?;
+                    available = pending(&incoming)?;
+                    if got >= size {
+                        available += ssl_pending()?;
+                    }
                     if available == 0 {
                         break;
                     }
