@@ -406,7 +406,7 @@ fn write_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
     }
 }
 
-fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
+pub(super) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
     let py = slf.py();
     let (fd, buffered, tls, max_size, protocol) = {
         let s = slf.borrow();
@@ -580,6 +580,9 @@ impl StreamCore {
         writelines_sendmsg: bool,
     ) -> PyResult<Self> {
         let py = loop_.py();
+        // The call slot the reader handle uses (method.rs), set before the first call.
+        static CALL_SLOT: std::sync::Once = std::sync::Once::new();
+        CALL_SLOT.call_once(|| super::method::install_stream_call(py));
         let buffered = protocol.is_instance(buffered_protocol(py)?)?;
         let tls = is_tls_protocol(&protocol);
         Ok(StreamCore {
@@ -649,7 +652,8 @@ impl StreamCore {
         read_ready(slf)
     }
 
-    /// The loop's reader handle calls the core itself (see `add_reader`).
+    /// The loop's reader handle calls the core itself (see `add_reader`; the call slot
+    /// goes to `read_ready` directly when there are no arguments: method.rs).
     fn __call__(slf: &Bound<'_, Self>) -> PyResult<()> {
         read_ready(slf)
     }
