@@ -218,7 +218,9 @@ pub(super) fn write(slf: &Bound<'_, StreamCore>, data: &Bound<'_, PyAny>) -> PyR
             data.get_type().name()?
         )));
     }
-    {
+    // One borrow for the state the checks and the send read (nothing below runs Python
+    // code before the send: a buffer export of a bytearray or memoryview is C).
+    let (fd, empty, lost) = {
         let s = slf.borrow();
         if s.eof {
             return Err(PyRuntimeError::new_err(
@@ -230,7 +232,8 @@ pub(super) fn write(slf: &Bound<'_, StreamCore>, data: &Bound<'_, PyAny>) -> PyR
                 "unable to write; sendfile is in progress",
             ));
         }
-    }
+        (s.fd, s.buffer.is_empty(), s.conn_lost > 0)
+    };
     // bytes (what TLS records and most writes are) are read in place: no buffer export.
     // (Exactly bytes: a 3.12+ subclass may define its own __buffer__.)
     let exact = data.cast_exact::<PyBytes>().ok();
@@ -243,13 +246,9 @@ pub(super) fn write(slf: &Bound<'_, StreamCore>, data: &Bound<'_, PyAny>) -> PyR
         (None, Some(v)) => v.as_slice(),
         (None, None) => &[],
     };
-    if bytes.is_empty() || lost_write(slf)? {
+    if bytes.is_empty() || (lost && lost_write(slf)?) {
         return Ok(());
     }
-    let (fd, empty) = {
-        let s = slf.borrow();
-        (s.fd, s.buffer.is_empty())
-    };
     if !empty {
         slf.borrow_mut().buffer.extend(bytes);
         drop(view);
