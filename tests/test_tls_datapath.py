@@ -115,7 +115,7 @@ def test_small_max_size_leaves_plaintext_in_the_sslobject(loop, contexts):
     # Reads of max_size bytes leave the rest of each record's plaintext inside the
     # SSLObject: all of it still arrives, in order, with no more bytes from the socket.
     async def main():
-        ct, client, st, server = await pair(loop, contexts)
+        ct, _client, st, server = await pair(loop, contexts)
         st._ssl_protocol.max_size = 100
         payload = bytes(range(256)) * 200
         ct.write(payload)
