@@ -239,6 +239,42 @@ def test_write_call_shapes(loop):
     assert run(loop, main()) == WRITE_CALL_ERRORS
 
 
+def test_is_closing_call_shapes(loop):
+    # is_closing is a native method of ferroloop's class (StreamWriter.drain asks it per call).
+    async def main():
+        proto = Rec(loop)
+        tr, peer = await connect(loop, proto)
+        cls = type(tr)
+        states = [tr.is_closing(), cls.is_closing(tr)]
+        errors = []
+        for call in (lambda: tr.is_closing(1), lambda: tr.is_closing(x=1)):
+            with pytest.raises(TypeError) as info:
+                call()
+            # (asyncio defines it on _SelectorTransport, ferroloop on its own class)
+            errors.append(str(info.value).split(".", 1)[1])
+
+        class Sub(cls):
+            def is_closing(self):
+                return ["sub", super().is_closing()]
+
+        tr.__class__ = Sub
+        states.append(tr.is_closing())
+        tr.__class__ = cls
+        tr.close()
+        states.append(tr.is_closing())
+        await proto.lost
+        states.append(tr.is_closing())
+        peer.close()
+        return states, errors
+
+    states, errors = run(loop, main())
+    assert states == [False, False, ["sub", False], True, True]
+    assert errors == [
+        "is_closing() takes 1 positional argument but 2 were given",
+        "is_closing() got an unexpected keyword argument 'x'",
+    ]
+
+
 # ---------------------------------------------------------------------------------------------
 # write buffering and flow control
 
