@@ -111,6 +111,27 @@ def test_record_split_across_reads(loop, contexts):
     assert run(loop, main())
 
 
+def test_small_max_size_leaves_plaintext_in_the_sslobject(loop, contexts):
+    # Reads of max_size bytes leave the rest of each record's plaintext inside the
+    # SSLObject: all of it still arrives, in order, with no more bytes from the socket.
+    async def main():
+        ct, _client, st, server = await pair(loop, contexts)
+        st._ssl_protocol.max_size = 100
+        payload = bytes(range(256)) * 200
+        ct.write(payload)
+        await server.until(len(payload))
+        sizes = {len(c) for c in server.chunks}
+        ct.write(b"end")
+        await server.until(len(payload) + 3)
+        ct.close()
+        await server.lost
+        return server.data == payload + b"end", max(sizes)
+
+    same, biggest = run(loop, main())
+    assert same
+    assert biggest >= 100
+
+
 def test_pause_and_resume_reading(loop, contexts):
     async def main():
         ct, _client, st, server = await pair(loop, contexts)
@@ -338,6 +359,50 @@ def test_write_type_errors(loop, contexts):
         "data: expecting a bytes-like instance, got int",
         "data: expecting a bytes-like instance, got NoneType",
         "data: expecting a bytes-like instance, got list",
+    ]
+
+
+def test_write_call_shapes(loop, contexts):
+    # The application transport's write (a native method on ferroloop): bound, unbound, by
+    # keyword, through super() from a subclass, and wrongly, as asyncio's.
+    async def main():
+        ct, _client, _st, server = await pair(loop, contexts)
+        cls = type(ct)
+        ct.write(b"a")
+        cls.write(ct, b"b")
+        ct.write(data=b"c")
+        cls.write(ct, data=bytearray(b"d"))
+        errors = []
+        for call in (
+            lambda: ct.write(),
+            lambda: ct.write(b"a", b"b"),
+            lambda: ct.write(other=b"a"),
+            lambda: cls.write(ct, 1),
+        ):
+            try:
+                call()
+            except TypeError as exc:
+                errors.append(str(exc))
+
+        class Sub(cls):
+            def write(self, data):
+                super().write(data.upper())
+
+        ct.__class__ = Sub
+        ct.write(b"e")
+        ct.__class__ = cls
+        await server.until(5)
+        ct.close()
+        await server.lost
+        return server.data, errors
+
+    data, errors = run(loop, main())
+    assert data == b"abcdE"
+    assert errors == [
+        "_SSLProtocolTransport.write() missing 1 required positional argument: 'data'",
+        "_SSLProtocolTransport.write() takes 2 positional arguments but 3 were given",
+        "_SSLProtocolTransport.write() got an unexpected keyword argument 'other'",
+        "data: expecting a bytes-like instance, got int",
     ]
 
 

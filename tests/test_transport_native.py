@@ -170,6 +170,111 @@ def test_write_type_errors(loop):
     run(loop, main())
 
 
+def write_call_errors(tr):
+    """The errors of write() called in ways it does not take (asyncio's messages)."""
+    name = f"{type(tr).__name__}.write()"
+    errors = []
+    for call in (
+        lambda: tr.write(),
+        lambda: tr.write(b"a", b"b"),
+        lambda: tr.write(b"a", data=b"b"),
+        lambda: tr.write(other=b"a"),
+        lambda: type(tr).write(tr),
+    ):
+        with pytest.raises(TypeError) as info:
+            call()
+        errors.append(str(info.value).replace(name, "write()"))
+    return errors
+
+
+WRITE_CALL_ERRORS = [
+    "write() missing 1 required positional argument: 'data'",
+    "write() takes 2 positional arguments but 3 were given",
+    "write() got multiple values for argument 'data'",
+    "write() got an unexpected keyword argument 'other'",
+    "write() missing 1 required positional argument: 'data'",
+]
+
+
+def test_write_call_shapes(loop):
+    # ferroloop's write is a native method of the class: called bound, unbound, by keyword,
+    # through super() from a subclass, and wrongly, it does what asyncio's does.
+    async def main():
+        proto = Rec(loop)
+        tr, peer = await connect(loop, proto)
+        cls = type(tr)
+        tr.write(b"a")
+        cls.write(tr, b"b")
+        tr.write(data=b"c")
+        cls.write(tr, data=memoryview(b"d"))
+        with pytest.raises(TypeError, match="data argument must be a bytes-like object, not 'int'"):
+            cls.write(tr, 1)
+        errors = write_call_errors(tr)
+        assert await read_exactly(loop, peer, 4) == b"abcd"
+
+        written = []
+
+        class Sub(cls):
+            def write(self, data):
+                written.append(bytes(data))
+                super().write(data.upper())
+
+        tr.__class__ = Sub
+        tr.write(b"e")
+        # 3.11: WriteTransport.writelines joins and calls self.write; 3.12+ sends itself.
+        tr.writelines([b"f", b"g"])
+        expected = b"Efg" if sys.version_info >= (3, 12) else b"EFG"
+        assert await read_exactly(loop, peer, 3) == expected
+        assert written[0] == b"e"
+        tr.__class__ = cls
+        tr.close()
+        cls.write(tr, b"late")  # queued nothing: closing with an empty buffer
+        await proto.lost
+        cls.write(tr, b"later")  # counted as a write after the connection is lost
+        with pytest.raises(TypeError, match="not 'str'"):
+            tr.write("text")
+        peer.close()
+        return errors
+
+    assert run(loop, main()) == WRITE_CALL_ERRORS
+
+
+def test_is_closing_call_shapes(loop):
+    # is_closing is a native method of ferroloop's class (StreamWriter.drain asks it per call).
+    async def main():
+        proto = Rec(loop)
+        tr, peer = await connect(loop, proto)
+        cls = type(tr)
+        states = [tr.is_closing(), cls.is_closing(tr)]
+        errors = []
+        for call in (lambda: tr.is_closing(1), lambda: tr.is_closing(x=1)):
+            with pytest.raises(TypeError) as info:
+                call()
+            # (asyncio defines it on _SelectorTransport, ferroloop on its own class)
+            errors.append(str(info.value).split(".", 1)[1])
+
+        class Sub(cls):
+            def is_closing(self):
+                return ["sub", super().is_closing()]
+
+        tr.__class__ = Sub
+        states.append(tr.is_closing())
+        tr.__class__ = cls
+        tr.close()
+        states.append(tr.is_closing())
+        await proto.lost
+        states.append(tr.is_closing())
+        peer.close()
+        return states, errors
+
+    states, errors = run(loop, main())
+    assert states == [False, False, ["sub", False], True, True]
+    assert errors == [
+        "is_closing() takes 1 positional argument but 2 were given",
+        "is_closing() got an unexpected keyword argument 'x'",
+    ]
+
+
 # ---------------------------------------------------------------------------------------------
 # write buffering and flow control
 

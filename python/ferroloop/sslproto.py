@@ -41,7 +41,14 @@ class _SSLProtocolTransport(sslproto._SSLProtocolTransport):
 
     def write(self, data):
         """Write some data bytes to the transport (asyncio's checks and semantics)."""
+        # Replaced below by a native method descriptor (no frame per write); it calls this
+        # definition for any other call shape.
         tls_app_write(self._ssl_protocol, data)
+
+
+_SSLProtocolTransport.write = TlsProtocolCore._app_write_descriptor(
+    _SSLProtocolTransport, _SSLProtocolTransport.write
+)
 
 
 class SSLProtocol(sslproto.SSLProtocol, TlsProtocolCore):

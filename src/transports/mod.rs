@@ -1,6 +1,7 @@
 //! Write buffer, flow-control constants and byte views shared by the transports
 //! (asyncio's `transports._FlowControlMixin` and `selector_events._SelectorTransport._buffer`).
 
+mod method;
 pub mod pipe;
 pub mod stream;
 pub mod tls;

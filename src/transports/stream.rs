@@ -17,7 +17,7 @@ use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::ffi;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{PyBytes, PyDict, PyType};
 use pyo3::{PyTraverseError, PyVisit};
 
 use super::tls::{is_tls_protocol, Read as TlsRead};
@@ -218,7 +218,9 @@ pub(super) fn write(slf: &Bound<'_, StreamCore>, data: &Bound<'_, PyAny>) -> PyR
             data.get_type().name()?
         )));
     }
-    {
+    // One borrow for the state the checks and the send read (nothing below runs Python
+    // code before the send: a buffer export of a bytearray or memoryview is C).
+    let (fd, empty, lost) = {
         let s = slf.borrow();
         if s.eof {
             return Err(PyRuntimeError::new_err(
@@ -230,7 +232,8 @@ pub(super) fn write(slf: &Bound<'_, StreamCore>, data: &Bound<'_, PyAny>) -> PyR
                 "unable to write; sendfile is in progress",
             ));
         }
-    }
+        (s.fd, s.buffer.is_empty(), s.conn_lost > 0)
+    };
     // bytes (what TLS records and most writes are) are read in place: no buffer export.
     // (Exactly bytes: a 3.12+ subclass may define its own __buffer__.)
     let exact = data.cast_exact::<PyBytes>().ok();
@@ -243,13 +246,9 @@ pub(super) fn write(slf: &Bound<'_, StreamCore>, data: &Bound<'_, PyAny>) -> PyR
         (None, Some(v)) => v.as_slice(),
         (None, None) => &[],
     };
-    if bytes.is_empty() || lost_write(slf)? {
+    if bytes.is_empty() || (lost && lost_write(slf)?) {
         return Ok(());
     }
-    let (fd, empty) = {
-        let s = slf.borrow();
-        (s.fd, s.buffer.is_empty())
-    };
     if !empty {
         slf.borrow_mut().buffer.extend(bytes);
         drop(view);
@@ -406,7 +405,7 @@ fn write_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
     }
 }
 
-fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
+pub(super) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
     let py = slf.py();
     let (fd, buffered, tls, max_size, protocol) = {
         let s = slf.borrow();
@@ -580,6 +579,9 @@ impl StreamCore {
         writelines_sendmsg: bool,
     ) -> PyResult<Self> {
         let py = loop_.py();
+        // The call slot the reader handle uses (method.rs), set before the first call.
+        static CALL_SLOT: std::sync::Once = std::sync::Once::new();
+        CALL_SLOT.call_once(|| super::method::install_stream_call(py));
         let buffered = protocol.is_instance(buffered_protocol(py)?)?;
         let tls = is_tls_protocol(&protocol);
         Ok(StreamCore {
@@ -619,6 +621,16 @@ impl StreamCore {
         self.empty_waiter = None;
     }
 
+    /// A `write` method descriptor for the Python transport class `cls` (`method.rs`),
+    /// replacing `fallback`, its Python definition.
+    #[staticmethod]
+    fn _write_descriptor<'py>(
+        cls: &Bound<'py, PyType>,
+        fallback: Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        super::method::stream_write_descriptor(cls, fallback)
+    }
+
     /// `transport.write(data)`: send at once when nothing is queued, else queue.
     fn write(slf: &Bound<'_, Self>, data: &Bound<'_, PyAny>) -> PyResult<()> {
         write(slf, data)
@@ -639,7 +651,8 @@ impl StreamCore {
         read_ready(slf)
     }
 
-    /// The loop's reader handle calls the core itself (see `add_reader`).
+    /// The loop's reader handle calls the core itself (see `add_reader`; the call slot
+    /// goes to `read_ready` directly when there are no arguments: method.rs).
     fn __call__(slf: &Bound<'_, Self>) -> PyResult<()> {
         read_ready(slf)
     }

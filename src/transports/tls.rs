@@ -155,6 +155,16 @@ impl TlsProtocolCore {
         }
     }
 
+    /// A `write` method descriptor for the application transport class `cls`
+    /// (`method.rs`), replacing `fallback`, its Python definition.
+    #[staticmethod]
+    fn _app_write_descriptor<'py>(
+        cls: &Bound<'py, PyType>,
+        fallback: Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        super::method::tls_write_descriptor(cls, fallback)
+    }
+
     #[getter(_state)]
     fn get_state(&self, py: Python<'_>) -> Py<PyAny> {
         self.state.clone_ref(py)
@@ -480,8 +490,19 @@ fn do_read_steps(p: Proto<'_, '_>) -> PyResult<()> {
         // plaintext is never longer than its ciphertext): asking for that much instead of
         // max_size returns the same bytes without allocating (and shrinking) a max_size
         // object per read. At least 1: read(0) would return b"" (taken for close_notify).
+        //
+        // `SSLObject.pending()` releases and retakes the GIL (`_ssl` wraps SSL_pending in
+        // Py_BEGIN_ALLOW_THREADS): it is asked only when its answer can be non-zero. A read
+        // returns plaintext of the records OpenSSL has processed (one at a time: CPython
+        // never sets read_ahead) until the request is filled; a read that returns less than
+        // asked for has emptied them, so SSL_pending is then 0. Before the first read, what
+        // the SSLObject holds is only needed when the BIO is empty (with ciphertext in the
+        // BIO a read happens anyway, and a read that fills the request asks again).
         let ssl_pending = || -> PyResult<i64> { ssl_pending.call0()?.extract() };
-        let mut available = pending(&incoming)? + ssl_pending()?;
+        let mut available = pending(&incoming)?;
+        if available == 0 {
+            available = ssl_pending()?;
+        }
         loop {
             let size = if max_size < 1 {
                 max_size
@@ -490,7 +511,8 @@ fn do_read_steps(p: Proto<'_, '_>) -> PyResult<()> {
             };
             match read.call1((size,)) {
                 Ok(chunk) => {
-                    if !chunk.is_truthy()? {
+                    let got = chunk.len()? as i64;
+                    if got == 0 {
                         eof = true;
                         break;
                     }
@@ -499,7 +521,10 @@ fn do_read_steps(p: Proto<'_, '_>) -> PyResult<()> {
                     } else {
                         more.push(chunk);
                     }
-                    available = pending(&incoming)? + ssl_pending()?;
+                    available = pending(&incoming)?;
+                    if got >= size {
+                        available += ssl_pending()?;
+                    }
                     if available == 0 {
                         break;
                     }
@@ -638,6 +663,11 @@ fn is_bytes_like(obj: &Bound<'_, PyAny>) -> bool {
 /// the data is encrypted and sent at once.
 #[pyfunction]
 pub fn tls_app_write(p: &Bound<'_, TlsProtocolCore>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+    app_write(p, data)
+}
+
+/// `_SSLProtocolTransport.write(data)` on the protocol `p` (see `tls_app_write`).
+pub fn app_write(p: &Bound<'_, TlsProtocolCore>, data: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = p.py();
     if !is_bytes_like(data) {
         return Err(PyTypeError::new_err(format!(
