@@ -8,7 +8,6 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use pyo3::exceptions::PyTypeError;
 use pyo3::ffi;
-use pyo3::panic::PanicException;
 use pyo3::prelude::*;
 use pyo3::types::{PyString, PyTuple};
 
@@ -106,22 +105,7 @@ unsafe fn dispatch(
         };
         Ok(handle.into_ptr())
     }));
-    match result {
-        Ok(Ok(ptr)) => ptr,
-        Ok(Err(err)) => {
-            err.restore(py);
-            std::ptr::null_mut()
-        }
-        Err(payload) => {
-            let msg = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "panic in ferroloop".to_string());
-            PanicException::new_err(msg).restore(py);
-            std::ptr::null_mut()
-        }
-    }
+    crate::py::restore_outcome(py, result)
 }
 
 unsafe extern "C" fn call_soon(

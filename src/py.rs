@@ -209,3 +209,28 @@ pub fn thrown_exception<'py>(
     };
     Ok(PyErr::from_value(exc))
 }
+
+/// The C return value of a native entry point called straight from CPython (a hand-made
+/// slot or vectorcall): the object, or NULL with the Python error set; a Rust panic becomes
+/// PyO3's `PanicException`, as PyO3's own trampolines do.
+pub fn restore_outcome(
+    py: Python<'_>,
+    outcome: std::thread::Result<PyResult<*mut pyo3::ffi::PyObject>>,
+) -> *mut pyo3::ffi::PyObject {
+    match outcome {
+        Ok(Ok(ptr)) => ptr,
+        Ok(Err(err)) => {
+            err.restore(py);
+            std::ptr::null_mut()
+        }
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic in ferroloop".to_string());
+            pyo3::panic::PanicException::new_err(msg).restore(py);
+            std::ptr::null_mut()
+        }
+    }
+}

@@ -65,21 +65,9 @@ fn write_native(kind: Kind, slf: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> 
 /// Run `f` as PyO3's trampolines do: attached (PyO3's count of it raised, so references
 /// dropped inside are released at once), panics turned into `PanicException`, errors set.
 fn guarded(f: impl FnOnce(Python<'_>) -> PyResult<*mut ffi::PyObject>) -> *mut ffi::PyObject {
-    Python::attach(|py| match catch_unwind(AssertUnwindSafe(|| f(py))) {
-        Ok(Ok(ptr)) => ptr,
-        Ok(Err(err)) => {
-            err.restore(py);
-            std::ptr::null_mut()
-        }
-        Err(payload) => {
-            let msg = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "panic in ferroloop".to_string());
-            PanicException::new_err(msg).restore(py);
-            std::ptr::null_mut()
-        }
+    Python::attach(|py| {
+        let outcome = catch_unwind(AssertUnwindSafe(|| f(py)));
+        crate::py::restore_outcome(py, outcome)
     })
 }
 

@@ -178,6 +178,18 @@ pub fn recv_into(fd: RawFd, ptr: *mut u8, len: usize) -> io::Result<usize> {
 }
 
 /// asyncio catches `(BlockingIOError, InterruptedError)` around every socket call: try later.
+/// What asyncio's transports accept as data: bytes, bytearray or memoryview (exact or
+/// subclass).
+pub fn is_bytes_like(obj: &Bound<'_, PyAny>) -> bool {
+    let p = obj.as_ptr();
+    // SAFETY: type checks on a live object.
+    unsafe {
+        ffi::PyBytes_Check(p) != 0
+            || ffi::PyByteArray_Check(p) != 0
+            || ffi::PyMemoryView_Check(p) != 0
+    }
+}
+
 pub fn would_block(err: &io::Error) -> bool {
     matches!(
         err.raw_os_error(),

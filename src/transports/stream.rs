@@ -14,7 +14,6 @@
 use std::os::unix::io::RawFd;
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
-use pyo3::ffi;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyType};
@@ -54,16 +53,6 @@ pub struct StreamCore {
     max_size: usize,
     /// asyncio 3.12+'s `writelines` (its own checks and messages; one `sendmsg`); 3.11 joins.
     writelines_sendmsg: bool,
-}
-
-fn is_bytes_like(obj: &Bound<'_, PyAny>) -> bool {
-    let p = obj.as_ptr();
-    // SAFETY: type checks on a live object.
-    unsafe {
-        ffi::PyBytes_Check(p) != 0
-            || ffi::PyByteArray_Check(p) != 0
-            || ffi::PyMemoryView_Check(p) != 0
-    }
 }
 
 fn loop_of<'py>(slf: &Bound<'py, StreamCore>) -> (Bound<'py, PyAny>, RawFd) {
@@ -212,7 +201,7 @@ fn lost_write(slf: &Bound<'_, StreamCore>) -> PyResult<bool> {
 }
 
 pub(super) fn write(slf: &Bound<'_, StreamCore>, data: &Bound<'_, PyAny>) -> PyResult<()> {
-    if !is_bytes_like(data) {
+    if !super::is_bytes_like(data) {
         return Err(PyTypeError::new_err(format!(
             "data argument must be a bytes-like object, not '{}'",
             data.get_type().name()?

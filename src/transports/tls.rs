@@ -649,16 +649,6 @@ fn process_outgoing_steps(p: Proto<'_, '_>) -> PyResult<()> {
     Ok(())
 }
 
-fn is_bytes_like(obj: &Bound<'_, PyAny>) -> bool {
-    let p = obj.as_ptr();
-    // SAFETY: type checks on a live object.
-    unsafe {
-        ffi::PyBytes_Check(p) != 0
-            || ffi::PyByteArray_Check(p) != 0
-            || ffi::PyMemoryView_Check(p) != 0
-    }
-}
-
 /// `_SSLProtocolTransport.write(data)` (asyncio's checks and messages); in the WRAPPED state
 /// the data is encrypted and sent at once.
 #[pyfunction]
@@ -669,7 +659,7 @@ pub fn tls_app_write(p: &Bound<'_, TlsProtocolCore>, data: &Bound<'_, PyAny>) ->
 /// `_SSLProtocolTransport.write(data)` on the protocol `p` (see `tls_app_write`).
 pub fn app_write(p: &Bound<'_, TlsProtocolCore>, data: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = p.py();
-    if !is_bytes_like(data) {
+    if !super::is_bytes_like(data) {
         return Err(PyTypeError::new_err(format!(
             "data: expecting a bytes-like instance, got {}",
             data.get_type().name()?

@@ -291,16 +291,6 @@ fn read_ready(slf: &Bound<'_, DatagramCore>) -> PyResult<()> {
     Ok(())
 }
 
-fn is_bytes_like(obj: &Bound<'_, PyAny>) -> bool {
-    let p = obj.as_ptr();
-    // SAFETY: type checks on a live object.
-    unsafe {
-        ffi::PyBytes_Check(p) != 0
-            || ffi::PyByteArray_Check(p) != 0
-            || ffi::PyMemoryView_Check(p) != 0
-    }
-}
-
 /// `sendto(fd, bytes, raw)`, retrying EINTR as Python's `sock.sendto`.
 fn sendto_raw(fd: RawFd, bytes: &[u8], addr: &RawAddr) -> io::Result<usize> {
     loop {
@@ -349,7 +339,7 @@ fn sendto(
         Ok(())
     };
     // Everything but "bytes-like, nothing queued, connection up" is asyncio's own code.
-    if !is_bytes_like(data) || gone || buffer.len()? != 0 || data.len()? == 0 {
+    if !super::is_bytes_like(data) || gone || buffer.len()? != 0 || data.len()? == 0 {
         return delegate(addr);
     }
     let mut addr = addr;
