@@ -975,13 +975,18 @@ unsafe extern "C" fn sock_coro_am_send(
             Bound::from_borrowed_ptr(py, arg),
         )
     };
-    let r = match obj.cast::<SockCoro>() {
-        Ok(coro) => match coro.try_borrow_mut() {
-            Ok(mut c) => c.resume(py, &arg),
-            Err(e) => Err(e.into()),
-        },
-        Err(e) => Err(e.into()),
-    };
+    // A panic must not unwind into CPython (it would abort the process): it becomes
+    // PyO3's PanicException, as in TaskIter's slot.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let coro = obj.cast::<SockCoro>()?;
+        let mut c = coro.try_borrow_mut()?;
+        c.resume(py, &arg)
+    }));
+    let r = outcome.unwrap_or_else(|_| {
+        Err(pyo3::panic::PanicException::new_err(
+            "panic in a sock_* coroutine",
+        ))
+    });
     match r {
         Ok(Step::Yield(v)) => {
             // SAFETY: `result` is a valid out pointer; CPython takes the new reference.
