@@ -11,6 +11,7 @@ For iterating on the tests without the native module, ``FERROLOOP_SKIP_NATIVE=1`
 import asyncio
 import logging
 import os
+import signal
 import sys
 
 import pytest
@@ -19,6 +20,13 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from parity_helpers import LOOP_KINDS, SKIP_NATIVE, import_ferroloop, new_loop
+
+# A test run started as a background job of a non-interactive shell inherits SIGINT ignored
+# (POSIX); Python then installs no KeyboardInterrupt handler, asyncio.Runner none of its own,
+# and the Ctrl-C tests (here and in the children they start) would wait forever. The
+# conformance children do the same (conformance/_child.py).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _get_policy_slot():
