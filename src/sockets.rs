@@ -65,14 +65,29 @@ pub fn recv_bytes<'py>(
     fd: i32,
     max_size: usize,
 ) -> io::Result<Bound<'py, PyBytes>> {
+    // SAFETY: recv writes at most `len` bytes at `ptr`.
+    read_through_buffer(py, max_size, |ptr, len| unsafe {
+        libc::recv(fd, ptr.cast(), len, 0)
+    })
+}
+
+/// One read syscall into the thread's reusable buffer (grown to `max_size` when needed),
+/// retrying EINTR as Python does; what arrived is copied into a `bytes` of exactly its size.
+/// The socket, datagram and pipe reads all use it, so a thread keeps one buffer, not one
+/// per kind. `read(ptr, len)` must write at most `len` bytes at `ptr` and return the
+/// syscall's result.
+pub fn read_through_buffer<'py>(
+    py: Python<'py>,
+    max_size: usize,
+    mut read: impl FnMut(*mut u8, usize) -> isize,
+) -> io::Result<Bound<'py, PyBytes>> {
     BUFFER.with(|cell| {
         let mut buf = cell.borrow_mut();
         if buf.len() < max_size {
             buf.resize(max_size, 0);
         }
         let n = loop {
-            // SAFETY: the buffer is valid for max_size bytes; recv writes at most that many.
-            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), max_size, 0) };
+            let n = read(buf.as_mut_ptr(), max_size);
             if n >= 0 {
                 break n as usize;
             }

@@ -13,21 +13,10 @@ from asyncio import selector_events
 
 from . import _compat
 from ._ferroloop import DatagramCore
+from .transports import _core_attribute
 
 _NATIVE_FAMILIES = frozenset({socket.AF_INET, socket.AF_INET6, socket.AF_UNIX})
 _asyncio_sendto = selector_events._SelectorDatagramTransport.sendto
-
-
-def _core_attribute(name):
-    """asyncio's private transport attribute ``name``, kept in the native core."""
-
-    def get(self):
-        return getattr(self._core, name)
-
-    def set(self, value):
-        setattr(self._core, name, value)
-
-    return property(get, set, doc=f"asyncio's ``{name}`` (native)")
 
 
 class _SelectorDatagramTransport(selector_events._SelectorDatagramTransport):

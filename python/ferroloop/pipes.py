@@ -13,20 +13,9 @@ from asyncio import unix_events
 from asyncio.log import logger
 
 from ._ferroloop import ReadPipeCore, WritePipeCore
+from .transports import _core_attribute
 
 _asyncio_write = unix_events._UnixWritePipeTransport.write
-
-
-def _core_attribute(name):
-    """asyncio's private transport attribute ``name``, kept in the native core."""
-
-    def get(self):
-        return getattr(self._core, name)
-
-    def set(self, value):
-        setattr(self._core, name, value)
-
-    return property(get, set, doc=f"asyncio's ``{name}`` (native)")
 
 
 class _UnixReadPipeTransport(unix_events._UnixReadPipeTransport):

@@ -51,7 +51,8 @@ def _shared_host(addr):
 
 
 def _core_attribute(name):
-    """asyncio's private transport attribute ``name``, kept in the native core."""
+    """asyncio's private transport attribute ``name``, kept in the native core (the stream,
+    datagram and pipe transports use it)."""
 
     def get(self):
         return getattr(self._core, name)

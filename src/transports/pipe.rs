@@ -10,7 +10,6 @@
 //!
 //! Borrows of a core are never held across a call into Python.
 
-use std::cell::RefCell;
 use std::io;
 use std::os::unix::io::RawFd;
 
@@ -23,30 +22,11 @@ use pyo3::{PyTraverseError, PyVisit};
 use super::{is_exit, would_block, ByteView};
 use crate::errors::os_error;
 
-thread_local! {
-    /// One read buffer per thread, reused by every read pipe transport on it.
-    static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
-
-/// `os.read(fd, max_size)` through the thread's buffer (retrying EINTR, as `os.read`).
+/// `os.read(fd, max_size)` through the thread's reusable buffer (EINTR retried, as `os.read`).
 fn read_bytes(py: Python<'_>, fd: RawFd, max_size: usize) -> io::Result<Bound<'_, PyBytes>> {
-    BUFFER.with(|cell| {
-        let mut buf = cell.borrow_mut();
-        if buf.len() < max_size {
-            buf.resize(max_size, 0);
-        }
-        let n = loop {
-            // SAFETY: the buffer is valid for max_size bytes; read writes at most that many.
-            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), max_size) };
-            if n >= 0 {
-                break n as usize;
-            }
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                return Err(err);
-            }
-        };
-        Ok(PyBytes::new(py, &buf[..n]))
+    // SAFETY: read writes at most `len` bytes at `ptr`.
+    crate::sockets::read_through_buffer(py, max_size, |ptr, len| unsafe {
+        libc::read(fd, ptr.cast(), len)
     })
 }
 

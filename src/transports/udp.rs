@@ -11,7 +11,6 @@
 //!
 //! Borrows of the core are never held across a call into Python.
 
-use std::cell::RefCell;
 use std::io;
 use std::os::unix::io::RawFd;
 
@@ -24,11 +23,6 @@ use pyo3::{PyTraverseError, PyVisit};
 
 use super::{is_exit, send, would_block, ByteView};
 use crate::errors::os_error;
-
-thread_local! {
-    /// One receive buffer per thread, reused by every datagram transport on it.
-    static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
 
 /// A raw socket address as `recvfrom` filled it in.
 #[derive(Clone, Copy)]
@@ -56,42 +50,29 @@ impl RawAddr {
     }
 }
 
-/// `recvfrom(fd, max_size)` through the thread's buffer: the datagram as `bytes` and its raw
-/// sender address.
+/// `recvfrom(fd, max_size)` through the thread's reusable buffer: the datagram as `bytes`
+/// and its raw sender address.
 fn recvfrom(
     py: Python<'_>,
     fd: RawFd,
     max_size: usize,
 ) -> io::Result<(Bound<'_, PyBytes>, RawAddr)> {
-    BUFFER.with(|cell| {
-        let mut buf = cell.borrow_mut();
-        if buf.len() < max_size {
-            buf.resize(max_size, 0);
+    let mut addr = RawAddr::zeroed();
+    let data = crate::sockets::read_through_buffer(py, max_size, |ptr, len| {
+        // SAFETY: recvfrom writes at most `len` bytes at `ptr` and at most addr.len bytes
+        // into the address storage.
+        unsafe {
+            libc::recvfrom(
+                fd,
+                ptr.cast(),
+                len,
+                0,
+                (&mut addr.storage as *mut libc::sockaddr_storage).cast(),
+                &mut addr.len,
+            )
         }
-        let mut addr = RawAddr::zeroed();
-        let n = loop {
-            // SAFETY: the buffer is valid for max_size bytes and the storage for addr.len
-            // bytes; recvfrom writes at most that many into each.
-            let n = unsafe {
-                libc::recvfrom(
-                    fd,
-                    buf.as_mut_ptr().cast(),
-                    max_size,
-                    0,
-                    (&mut addr.storage as *mut libc::sockaddr_storage).cast(),
-                    &mut addr.len,
-                )
-            };
-            if n >= 0 {
-                break n as usize;
-            }
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                return Err(err);
-            }
-        };
-        Ok((PyBytes::new(py, &buf[..n]), addr))
-    })
+    })?;
+    Ok((data, addr))
 }
 
 extern "C" {
