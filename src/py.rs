@@ -234,3 +234,49 @@ pub fn restore_outcome(
         }
     }
 }
+
+/// A native class whose `tp_finalize` is set at import (PyO3 has no `__del__`): the cell
+/// keeps PyO3's own `tp_dealloc`, which the replacement calls after the finalizer. Such a
+/// class must have no PyO3 `freelist`: an object reused from it keeps the collector's
+/// "already finalized" mark, so its finalizer would not run again.
+pub trait Finalized: pyo3::PyTypeInfo {
+    fn base_dealloc() -> &'static std::sync::OnceLock<pyo3::ffi::destructor>;
+}
+
+/// `tp_dealloc` of a `Finalized` class: run the finalizer first (PyO3's own dealloc does
+/// not), as C types do, then PyO3's dealloc.
+unsafe extern "C" fn dealloc_finalizing<T: Finalized>(obj: *mut pyo3::ffi::PyObject) {
+    // SAFETY: called by CPython with refcount 0; a finalizer may resurrect the object, in
+    // which case it must not be freed.
+    if unsafe { pyo3::ffi::PyObject_CallFinalizerFromDealloc(obj) } < 0 {
+        return;
+    }
+    if let Some(base) = T::base_dealloc().get() {
+        // SAFETY: the original PyO3 dealloc of this type.
+        unsafe { base(obj) };
+    }
+}
+
+/// Give `T` the finalizer `finalize` (called when an instance is freed or collected; Python
+/// subclasses inherit it). Call once at import, before any instance exists.
+pub fn install_finalizer<T: Finalized>(
+    py: Python<'_>,
+    finalize: unsafe extern "C" fn(*mut pyo3::ffi::PyObject),
+) {
+    let raw = T::type_object(py).as_type_ptr();
+    // SAFETY: the type object is ours and no instance exists yet; a heap type's slots may
+    // be changed before instances are made, then PyType_Modified drops cached lookups.
+    unsafe {
+        let Some(base) = (*raw).tp_dealloc else {
+            return;
+        };
+        if T::base_dealloc().set(base).is_err() {
+            return; // installed already (module imported twice in one process)
+        }
+        (*raw).tp_dealloc = Some(dealloc_finalizing::<T>);
+        (*raw).tp_finalize = Some(finalize);
+        // Python subclasses inherit tp_finalize only from a base that has this flag.
+        (*raw).tp_flags |= pyo3::ffi::Py_TPFLAGS_HAVE_FINALIZE;
+        pyo3::ffi::PyType_Modified(raw);
+    }
+}

@@ -230,11 +230,7 @@ enum State {
 
 /// The coroutine `loop.sock_recv` and the other native `sock_*` methods return
 /// (registered as a `collections.abc.Coroutine`).
-#[pyclass(
-    module = "ferroloop._ferroloop",
-    name = "SockCoroutine",
-    freelist = 256
-)]
+#[pyclass(module = "ferroloop._ferroloop", name = "SockCoroutine")]
 pub struct SockCoro {
     kind: Kind,
     loop_: Py<PyAny>,
@@ -242,6 +238,8 @@ pub struct SockCoro {
     /// The arguments after `sock`, as the method was called.
     args: Py<PyTuple>,
     state: State,
+    /// `cr_origin`: where it was made, when origin tracking was on (a debug-mode loop).
+    origin: Option<Py<PyAny>>,
 }
 
 /// What one resumption gave: a value to yield, or the coroutine's return value.
@@ -597,9 +595,17 @@ impl SockCoro {
         self.kind.name()
     }
 
+    /// asyncio's name for the method (they are all `BaseSelectorEventLoop`'s), as its
+    /// coroutine's `__qualname__`: task reprs and the "never awaited" warning show it.
     #[getter]
     fn __qualname__(&self) -> String {
-        format!("Loop.{}", self.kind.name())
+        format!("BaseSelectorEventLoop.{}", self.kind.name())
+    }
+
+    /// Where the coroutine was made, as a coroutine's `cr_origin` (see `coro_origin`).
+    #[getter]
+    fn cr_origin(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.origin.as_ref().map(|o| o.clone_ref(py))
     }
 
     /// The future awaited, as a coroutine's `cr_await` (None when not waiting natively).
@@ -862,13 +868,46 @@ fn new_coro<'py, const N: usize>(
     args: [Bound<'py, PyAny>; N],
 ) -> PyResult<SockCoro> {
     let py = loop_.py();
+    let debug = loop_
+        .cast::<crate::event_loop::EventLoop>()
+        .is_ok_and(|l| l.try_borrow().is_ok_and(|l| l.is_debug()));
     Ok(SockCoro {
         kind,
+        origin: if debug { coro_origin(py)? } else { None },
         loop_: loop_.unbind(),
         sock: sock.unbind(),
         args: PyTuple::new(py, args)?.unbind(),
         state: State::Start,
     })
+}
+
+/// `cr_origin` as CPython computes it for a new coroutine: (filename, line, function) of
+/// the innermost frames, as many as `sys.set_coroutine_origin_tracking_depth()` asked for
+/// (asyncio's debug mode sets it while the loop runs); None when tracking is off. Only a
+/// debug-mode loop's coroutines ask, so the fast path makes no call.
+fn coro_origin(py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+    let sys = py.import(intern!(py, "sys"))?;
+    let depth: usize = sys
+        .call_method0(intern!(py, "get_coroutine_origin_tracking_depth"))?
+        .extract()?;
+    if depth == 0 {
+        return Ok(None);
+    }
+    let mut frames = Vec::with_capacity(depth);
+    let mut frame = sys.call_method1(intern!(py, "_getframe"), (0,))?;
+    while !frame.is_none() && frames.len() < depth {
+        let code = frame.getattr(intern!(py, "f_code"))?;
+        frames.push(PyTuple::new(
+            py,
+            [
+                code.getattr(intern!(py, "co_filename"))?,
+                frame.getattr(intern!(py, "f_lineno"))?,
+                code.getattr(intern!(py, "co_name"))?,
+            ],
+        )?);
+        frame = frame.getattr(intern!(py, "f_back"))?;
+    }
+    Ok(Some(PyTuple::new(py, frames)?.into_any().unbind()))
 }
 
 /// SystemExit and KeyboardInterrupt propagate out of a callback (asyncio re-raises them).
@@ -1022,6 +1061,41 @@ unsafe extern "C" fn sock_coro_am_send(
     }
 }
 
+static BASE_DEALLOC: std::sync::OnceLock<ffi::destructor> = std::sync::OnceLock::new();
+
+impl crate::py::Finalized for SockCoro {
+    fn base_dealloc() -> &'static std::sync::OnceLock<ffi::destructor> {
+        &BASE_DEALLOC
+    }
+}
+
+/// `tp_finalize`: a coroutine freed before it was ever started warns as CPython's do
+/// (`warnings._warn_unawaited_coroutine`: "coroutine '...' was never awaited", with
+/// `cr_origin` when tracked). A closed one (`close()` marks it done) does not.
+unsafe extern "C" fn sock_coro_finalize(obj: *mut ffi::PyObject) {
+    // SAFETY: CPython calls tp_finalize with the GIL held and `obj` alive.
+    let py = unsafe { Python::assume_attached() };
+    // SAFETY: `obj` is a live SockCoro, borrowed for this call.
+    let any = unsafe { Bound::from_borrowed_ptr(py, obj) };
+    let unstarted = any.cast::<SockCoro>().is_ok_and(|c| {
+        c.try_borrow()
+            .is_ok_and(|c| matches!(c.state, State::Start))
+    });
+    if !unstarted {
+        return;
+    }
+    let saved = PyErr::take(py);
+    let warned = py
+        .import(intern!(py, "warnings"))
+        .and_then(|w| w.call_method1(intern!(py, "_warn_unawaited_coroutine"), (&any,)));
+    if let Err(e) = warned {
+        e.write_unraisable(py, Some(&any));
+    }
+    if let Some(e) = saved {
+        e.restore(py);
+    }
+}
+
 /// `Py_TPFLAGS_HAVE_AM_SEND` (3.10+; not in pyo3-ffi).
 const TPFLAGS_HAVE_AM_SEND: std::os::raw::c_ulong = 1 << 21;
 
@@ -1046,6 +1120,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(recv, m)?)?;
     m.add_class::<SockCoro>()?;
     install_am_send(py);
+    crate::py::install_finalizer::<SockCoro>(py, sock_coro_finalize);
     for f in [
         wrap_pyfunction!(sock_recv, m)?,
         wrap_pyfunction!(sock_recv_into, m)?,

@@ -1145,6 +1145,12 @@ fn finalize(slf: &Bound<'_, Task>) -> PyResult<()> {
 
 static BASE_DEALLOC: std::sync::OnceLock<ffi::destructor> = std::sync::OnceLock::new();
 
+impl crate::py::Finalized for Task {
+    fn base_dealloc() -> &'static std::sync::OnceLock<ffi::destructor> {
+        &BASE_DEALLOC
+    }
+}
+
 /// `tp_finalize`: asyncio's `__del__`, with the current exception saved and restored.
 unsafe extern "C" fn task_tp_finalize(obj: *mut ffi::PyObject) {
     // SAFETY: CPython calls tp_finalize with the GIL held and `obj` alive.
@@ -1172,43 +1178,15 @@ fn has_report(task: &Bound<'_, Task>) -> bool {
         .is_ok_and(|t| (t.state == State::Pending && t.log_destroy_pending) || t.log_traceback)
 }
 
-/// `tp_dealloc`: run the finalizer first (PyO3's own dealloc does not), as C types do.
-unsafe extern "C" fn task_tp_dealloc(obj: *mut ffi::PyObject) {
-    // SAFETY: called by CPython with refcount 0; a finalizer may resurrect the object, in
-    // which case it must not be freed.
-    if unsafe { ffi::PyObject_CallFinalizerFromDealloc(obj) } < 0 {
-        return;
-    }
-    if let Some(base) = BASE_DEALLOC.get() {
-        // SAFETY: the original PyO3 dealloc of this type.
-        unsafe { base(obj) };
-    }
-}
-
 /// Give the Task type a finalizer (PyO3 has no `__del__`).
 pub fn install(py: Python<'_>) {
-    let tp = py.get_type::<Task>();
-    let raw = tp.as_type_ptr();
-    // SAFETY: the type object is ours and no task exists yet; a heap type's slots may be
-    // changed before instances are made, then PyType_Modified drops cached lookups.
-    unsafe {
-        let Some(base) = (*raw).tp_dealloc else {
-            return;
-        };
-        if BASE_DEALLOC.set(base).is_err() {
-            return; // installed already (module imported twice in one process)
-        }
-        (*raw).tp_dealloc = Some(task_tp_dealloc);
-        (*raw).tp_finalize = Some(task_tp_finalize);
-        // Python subclasses inherit tp_finalize only from a base that has this flag.
-        (*raw).tp_flags |= ffi::Py_TPFLAGS_HAVE_FINALIZE;
-        ffi::PyType_Modified(raw);
-    }
+    crate::py::install_finalizer::<Task>(py, task_tp_finalize);
     // TaskIter's am_send (see task_iter_am_send). 3.10's PyIter_Send would also need a type
     // flag, and ignores the slot without it.
     let it = py.get_type::<TaskIter>();
     let raw = it.as_type_ptr();
-    // SAFETY: as above; a heap type's tp_as_async points into the type object itself.
+    // SAFETY: the type object is ours and set before any iterator exists; a heap type's
+    // tp_as_async points into the type object itself.
     unsafe {
         let am = (*raw).tp_as_async;
         if !am.is_null() && (*am).am_send.is_none() {

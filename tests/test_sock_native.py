@@ -13,6 +13,7 @@ import gc
 import os
 import socket
 import ssl
+import sys
 import tempfile
 import threading
 import warnings
@@ -80,6 +81,70 @@ def test_methods_return_coroutines(loop):
         b.sendall(b"hello")
         assert a.recv(10) == b"hello"
     finally:
+        a.close()
+        b.close()
+
+
+def unawaited_warnings(loop, make, *, debug=False, close_first=False):
+    """The "never awaited" warnings seen when the coroutine ``make()`` returns is dropped."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        depth = sys.get_coroutine_origin_tracking_depth()
+        if debug:
+            sys.set_coroutine_origin_tracking_depth(2)
+        try:
+            coro = make()
+        finally:
+            sys.set_coroutine_origin_tracking_depth(depth)
+        name = coro.__qualname__
+        if close_first:
+            coro.close()
+        del coro
+        gc.collect()
+    messages = [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)]
+    return name, messages
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_never_awaited_warns_as_asyncio(loop, debug):
+    # asyncio's coroutines warn when freed unstarted, naming the method as
+    # BaseSelectorEventLoop.<name>, with where it was made when origin tracking is on
+    # (asyncio's debug mode turns it on while the loop runs).
+    loop.set_debug(debug)
+    a, b = pair()
+    try:
+        makers = {
+            "sock_recv": lambda: loop.sock_recv(a, 10),
+            "sock_recv_into": lambda: loop.sock_recv_into(a, bytearray(10)),
+            "sock_sendall": lambda: loop.sock_sendall(a, b"x"),
+            "sock_accept": lambda: loop.sock_accept(a),
+            "sock_recvfrom": lambda: loop.sock_recvfrom(a, 10),
+            "sock_recvfrom_into": lambda: loop.sock_recvfrom_into(a, bytearray(10)),
+            "sock_sendto": lambda: loop.sock_sendto(a, b"x", None),
+            "sock_connect": lambda: loop.sock_connect(a, "nowhere"),
+        }
+        for method, make in makers.items():
+            name, messages = unawaited_warnings(loop, make, debug=debug)
+            assert name == f"BaseSelectorEventLoop.{method}"
+            assert len(messages) == 1, messages
+            first, *origin = messages[0].splitlines()
+            assert first == f"coroutine '{name}' was never awaited"
+            if debug:
+                assert origin[0] == "Coroutine created at (most recent call last)"
+                # Two frames, most recent last: the helper's call, then the lambda's.
+                assert origin[1].endswith("in unawaited_warnings")
+                assert "coro = make()" in origin[2]
+                assert origin[3].endswith("in <lambda>")
+                assert f"loop.{method}(" in origin[4]
+            else:
+                assert origin == []
+            # Closed (or thrown into) before it ran: no warning, as for any coroutine.
+            assert unawaited_warnings(loop, make, close_first=True)[1] == []
+        # The data written is still there: a dropped coroutine did nothing.
+        b.sendall(b"hello")
+        assert a.recv(10) == b"hello"
+    finally:
+        loop.set_debug(False)
         a.close()
         b.close()
 
