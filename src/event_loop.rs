@@ -8,6 +8,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple, PyWeakrefReference};
+use pyo3::{ffi, PyTraverseError, PyVisit};
 
 use crate::errors::{loop_closed, os_error};
 use crate::handles::{run_handle, Handle, RunOutcome};
@@ -520,8 +521,76 @@ fn run_debug(slf: &Bound<'_, EventLoop>, h: &Bound<'_, Handle>) -> PyResult<RunO
     Ok(outcome)
 }
 
+/// Report, for the cycle collector, what a queued handle refers to, as if the loop held it
+/// directly: handles are not tracked by the collector (see handles.rs), so without this a
+/// loop dropped unclosed with callbacks queued (a pending task's wake-up, a transport's
+/// reader) would be kept alive by a cycle through them forever. Only a handle the loop
+/// holds the sole reference to is walked: one also held elsewhere (a `TimerHandle` the
+/// program kept, a reader handle queued as well as registered) stays reachable from there,
+/// and counting its references as the loop's would let the collector free live objects.
+fn traverse_handle(
+    py: Python<'_>,
+    handle: &Py<Handle>,
+    visit: &PyVisit<'_>,
+) -> Result<(), PyTraverseError> {
+    // SAFETY: a plain read of the reference count of a live object.
+    if unsafe { ffi::Py_REFCNT(handle.as_ptr()) } != 1 {
+        return Ok(());
+    }
+    // A handle borrowed mutably right now (the collector ran inside a handle method) is
+    // skipped: reporting fewer references only keeps objects alive.
+    let Ok(h) = handle.bind(py).try_borrow() else {
+        return Ok(());
+    };
+    if let Some(c) = &h.callback {
+        visit.call(c)?;
+    }
+    if let Some(a) = &h.args {
+        visit.call(a)?;
+    }
+    if let Some(c) = &h.context {
+        visit.call(c)?;
+    }
+    Ok(())
+}
+
 #[pymethods]
 impl EventLoop {
+    /// What the native queues hold, for the cycle collector (see `traverse_handle`).
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        // SAFETY: the collector calls tp_traverse with the GIL held; nothing here calls
+        // into Python (borrow flags and reference counts are plain reads).
+        let py = unsafe { Python::assume_attached() };
+        for job in &self.ready {
+            match job {
+                Job::Handle(h) => traverse_handle(py, h, &visit)?,
+                Job::Step(t) => visit.call(t)?,
+                Job::Wakeup(t, f) => {
+                    visit.call(t)?;
+                    visit.call(f)?;
+                }
+            }
+        }
+        for h in self.timers.iter() {
+            traverse_handle(py, h, &visit)?;
+        }
+        for reg in self.reactor.registrations() {
+            for h in reg.reader.iter().chain(reg.writer.iter()) {
+                traverse_handle(py, h, &visit)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Break the cycles `__traverse__` reported: drop the queued jobs, the timers and the
+    /// registrations (the collector frees an unreachable loop; its fds close on drop).
+    fn __clear__(&mut self) {
+        self.ready.clear();
+        self.timers.drain().for_each(drop);
+        self.timer_cancelled_count = 0;
+        self.reactor.forget();
+    }
+
     #[new]
     #[pyo3(signature = (*_args, **_kwargs))]
     fn new(_args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {

@@ -261,6 +261,17 @@ impl<T> Reactor<T> {
         unsafe { libc::write(waker, &one as *const u64 as *const libc::c_void, 8) };
     }
 
+    /// Every registration (the cycle collector's walk of the loop).
+    pub fn registrations(&self) -> impl Iterator<Item = &Registration<T>> {
+        self.regs.values()
+    }
+
+    /// Forget every registration, leaving the fds open and epoll unchanged (the loop is
+    /// being freed by the cycle collector; Drop closes the fds).
+    pub fn forget(&mut self) -> Vec<Registration<T>> {
+        self.regs.drain().map(|(_, r)| r).collect()
+    }
+
     /// Forget every registration and close the fds (the loop's close()).
     pub fn close(&mut self) -> Vec<Registration<T>> {
         let regs = self.regs.drain().map(|(_, r)| r).collect();
