@@ -15,14 +15,25 @@ pub fn extract_stack(py: Python<'_>) -> PyResult<Py<PyAny>> {
 
 /// `selectors._fileobj_to_fd`: an int fd from an int or an object with `fileno()`, with
 /// selectors' ValueErrors for anything else.
+/// An fd too large for a C int raises epoll's OverflowError (asyncio's add_reader).
 pub fn fileobj_to_fd(obj: &Bound<'_, PyAny>) -> PyResult<i32> {
+    fileobj_to_fd_lookup(obj)?.ok_or_else(|| {
+        pyo3::exceptions::PyOverflowError::new_err("Python int too large to convert to C int")
+    })
+}
+
+/// `selectors._fileobj_to_fd` for a lookup: None for an fd too large for a C int, which
+/// no registration can have (asyncio's remove_reader answers False for it).
+pub fn fileobj_to_fd_lookup(obj: &Bound<'_, PyAny>) -> PyResult<Option<i32>> {
     if let Ok(fd) = obj.extract::<i32>() {
         if fd >= 0 {
-            return Ok(fd);
+            return Ok(Some(fd));
         }
     }
     let f = FILEOBJ_TO_FD.import(obj.py(), "selectors", "_fileobj_to_fd")?;
-    f.call1((obj,))?.extract()
+    // A non-negative int (an int subclass's value), as selectors checked it.
+    let fd = f.call1((obj,))?;
+    Ok(fd.extract::<i32>().ok())
 }
 
 /// `ferroloop._handles.handle_repr`: asyncio's Handle/TimerHandle repr.
@@ -279,4 +290,38 @@ pub fn install_finalizer<T: Finalized>(
         (*raw).tp_flags |= pyo3::ffi::Py_TPFLAGS_HAVE_FINALIZE;
         pyo3::ffi::PyType_Modified(raw);
     }
+}
+
+/// Run `f` with `exc` as the exception being handled (`sys.exc_info()`), as asyncio calls its
+/// error reporting (`call_exception_handler`, `_fatal_error`, `error_received`) from inside an
+/// `except` block: a handler's `logging.exception()` sees the error, and an error the handler
+/// raises chains to it ("During handling of the above exception...").
+pub fn while_handling<T>(exc: &Bound<'_, PyAny>, f: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
+    use pyo3::ffi::{PyErr_GetHandledException, PyErr_SetHandledException, Py_XDECREF};
+    // Get answers the innermost non-empty frame of the exception stack, Set writes the
+    // innermost one: clearing it and asking again tells whether the innermost frame held
+    // the handled exception itself (restore it) or showed an outer one (restore nothing).
+    // SAFETY: the GIL is held (`exc` is bound). Get returns a new reference or NULL; Set
+    // does not steal its argument; each reference taken here is released below.
+    let own = unsafe {
+        let visible = PyErr_GetHandledException();
+        PyErr_SetHandledException(std::ptr::null_mut());
+        let outer = PyErr_GetHandledException();
+        Py_XDECREF(outer);
+        if !visible.is_null() && visible == outer {
+            Py_XDECREF(visible);
+            std::ptr::null_mut()
+        } else {
+            visible
+        }
+    };
+    // SAFETY: as above.
+    unsafe { PyErr_SetHandledException(exc.as_ptr()) };
+    let r = f();
+    // SAFETY: as above; `own` (a new reference or NULL) is put back and released.
+    unsafe {
+        PyErr_SetHandledException(own);
+        Py_XDECREF(own);
+    }
+    r
 }

@@ -86,7 +86,7 @@ class EpollReactor:
     def get_key(self, fileobj):
         fd = selectors._fileobj_to_fd(fileobj)
         loop = self._loop()
-        if loop is None or loop.is_closed():
+        if loop is None or loop.is_closed() or fd > 0x7FFFFFFF:
             raise KeyError(f"{fileobj!r} is not registered")
         mask, reader, writer = loop._io_key(fd)
         return selectors.SelectorKey(fileobj, fd, mask, (reader, writer))

@@ -50,9 +50,12 @@ fn fatal_error(py: Python<'_>, transport: &Py<PyAny>, err: PyErr, message: &str)
     if is_exit(py, &err) {
         return Err(err);
     }
-    transport
-        .bind(py)
-        .call_method1(intern!(py, "_fatal_error"), (err.into_value(py), message))?;
+    let exc = err.into_value(py).into_bound(py).into_any();
+    crate::py::while_handling(&exc, || {
+        transport
+            .bind(py)
+            .call_method1(intern!(py, "_fatal_error"), (&exc, message))
+    })?;
     Ok(())
 }
 

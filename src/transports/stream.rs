@@ -41,8 +41,10 @@ pub struct StreamCore {
     tls: bool,
     protocol_connected: bool,
     buffer: WriteBuffer,
-    high_water: usize,
-    low_water: usize,
+    /// The water marks as the buffer size is compared with them, and as they were given:
+    /// asyncio keeps any number (a float, an int larger than memory), so the core does too.
+    high_water: WaterMark,
+    low_water: WaterMark,
     protocol_paused: bool,
     /// asyncio's `_conn_lost`: set when `connection_lost` is scheduled, then counts writes.
     conn_lost: usize,
@@ -53,6 +55,50 @@ pub struct StreamCore {
     max_size: usize,
     /// asyncio 3.12+'s `writelines` (its own checks and messages; one `sendmsg`); 3.11 joins.
     writelines_sendmsg: bool,
+}
+
+/// A write-buffer water mark: the number it was given (read back as is) and that number as
+/// the buffer size is compared with it.
+struct WaterMark {
+    /// None: the default, `limit` as an int (no object per connection until one is set).
+    value: Option<Py<PyAny>>,
+    limit: f64,
+}
+
+impl WaterMark {
+    fn new(n: usize) -> Self {
+        WaterMark {
+            value: None,
+            limit: n as f64,
+        }
+    }
+
+    fn get(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        match &self.value {
+            Some(v) => Ok(v.clone_ref(py)),
+            None => Ok((self.limit as u64).into_pyobject(py)?.into_any().unbind()),
+        }
+    }
+
+    /// Any real number; an int too large for a float is beyond any buffer size (or below).
+    fn from_value(value: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let py = value.py();
+        let limit = match value.extract::<f64>() {
+            Ok(v) => v,
+            Err(e) if e.is_instance_of::<pyo3::exceptions::PyOverflowError>(py) => {
+                if value.gt(0)? {
+                    f64::INFINITY
+                } else {
+                    f64::NEG_INFINITY
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(WaterMark {
+            value: Some(value.clone().unbind()),
+            limit,
+        })
+    }
 }
 
 fn loop_of<'py>(slf: &Bound<'py, StreamCore>) -> (Bound<'py, PyAny>, RawFd) {
@@ -120,9 +166,11 @@ fn fatal_error_value(
 ) -> PyResult<()> {
     let py = slf.py();
     let transport = slf.borrow().transport.clone_ref(py);
-    transport
-        .bind(py)
-        .call_method1(intern!(py, "_fatal_error"), (exc, message))?;
+    crate::py::while_handling(&exc.clone(), || {
+        transport
+            .bind(py)
+            .call_method1(intern!(py, "_fatal_error"), (exc, message))
+    })?;
     Ok(())
 }
 
@@ -142,11 +190,14 @@ fn report_flow_error(slf: &Bound<'_, StreamCore>, err: PyErr, message: &str) -> 
     };
     let ctx = PyDict::new(py);
     ctx.set_item("message", message)?;
-    ctx.set_item("exception", err.into_value(py))?;
+    let exc = err.into_value(py).into_bound(py).into_any();
+    ctx.set_item("exception", &exc)?;
     ctx.set_item("transport", transport)?;
     ctx.set_item("protocol", protocol)?;
-    lp.bind(py)
-        .call_method1(intern!(py, "call_exception_handler"), (ctx,))?;
+    crate::py::while_handling(&exc, || {
+        lp.bind(py)
+            .call_method1(intern!(py, "call_exception_handler"), (ctx,))
+    })?;
     Ok(())
 }
 
@@ -154,7 +205,7 @@ fn maybe_pause_protocol(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
     let py = slf.py();
     let protocol = {
         let mut s = slf.borrow_mut();
-        if s.buffer.len() <= s.high_water || s.protocol_paused {
+        if s.buffer.len() as f64 <= s.high_water.limit || s.protocol_paused {
             return Ok(());
         }
         s.protocol_paused = true;
@@ -170,7 +221,7 @@ fn maybe_resume_protocol(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
     let py = slf.py();
     let protocol = {
         let mut s = slf.borrow_mut();
-        if !(s.protocol_paused && s.buffer.len() <= s.low_water) {
+        if !(s.protocol_paused && s.buffer.len() as f64 <= s.low_water.limit) {
             return Ok(());
         }
         s.protocol_paused = false;
@@ -228,7 +279,10 @@ pub(super) fn write(slf: &Bound<'_, StreamCore>, data: &Bound<'_, PyAny>) -> PyR
     let exact = data.cast_exact::<PyBytes>().ok();
     let view = match exact {
         Some(_) => None,
-        None => Some(ByteView::get(data, false)?),
+        None => match ByteView::get(data, false) {
+            Ok(v) => Some(v),
+            Err(e) => return write_strided(slf, data, e, empty, lost),
+        },
     };
     let bytes = match (&exact, &view) {
         (Some(b), _) => b.as_bytes(),
@@ -258,6 +312,29 @@ pub(super) fn write(slf: &Bound<'_, StreamCore>, data: &Bound<'_, PyAny>) -> PyR
     slf.borrow_mut().buffer.extend(&bytes[sent..]);
     drop(view);
     maybe_pause_protocol(slf)
+}
+
+/// `write()` of a memoryview with no contiguous buffer (a strided slice), as asyncio: it is
+/// handed to `sock.send`, whose BufferError is a fatal write error, or, with data already
+/// queued, refused by the copy into the buffer (3.11's `bytearray.extend`; ferroloop's write
+/// copies as 3.11's on every version).
+fn write_strided(
+    slf: &Bound<'_, StreamCore>,
+    data: &Bound<'_, PyAny>,
+    err: PyErr,
+    empty: bool,
+    lost: bool,
+) -> PyResult<()> {
+    // asyncio's `if not data: return` (a released memoryview raises there).
+    if data.len()? == 0 || (lost && lost_write(slf)?) {
+        return Ok(());
+    }
+    if empty {
+        return fatal_error(slf, err, "Fatal write error on socket transport");
+    }
+    Err(PyTypeError::new_err(
+        "can't set bytearray slice from memoryview",
+    ))
 }
 
 /// asyncio 3.12+'s `writelines`: the buffers go out in one `sendmsg` when nothing is queued.
@@ -456,7 +533,18 @@ fn read_into_buffer(
         Ok(b) => b,
         Err(e) => return fatal_error(slf, e, "Fatal error: protocol.get_buffer() call failed."),
     };
-    let res = ByteView::get(&buf, true).map(|view| recv_into(fd, view.as_mut_ptr(), view.len()));
+    // sock.recv_into's argument check: any buffer failure is its TypeError.
+    let res = ByteView::get(&buf, true)
+        .map_err(|_| {
+            let name = buf
+                .get_type()
+                .name()
+                .map_or_else(|_| "object".to_string(), |n| n.to_string());
+            PyTypeError::new_err(format!(
+                "recv_into() argument 1 must be read-write bytes-like object, not {name}"
+            ))
+        })
+        .map(|view| recv_into(fd, view.as_mut_ptr(), view.len()));
     drop(buf);
     let nbytes = match res {
         Ok(Ok(n)) => n,
@@ -582,8 +670,8 @@ impl StreamCore {
             tls,
             protocol_connected: true,
             buffer: WriteBuffer::default(),
-            high_water: DEFAULT_HIGH_WATER,
-            low_water: DEFAULT_HIGH_WATER / 4,
+            high_water: WaterMark::new(DEFAULT_HIGH_WATER),
+            low_water: WaterMark::new(DEFAULT_HIGH_WATER / 4),
             protocol_paused: false,
             conn_lost: 0,
             closing: false,
@@ -600,6 +688,8 @@ impl StreamCore {
         visit.call(&self.transport)?;
         visit.call(&self.protocol)?;
         visit.call(&self.empty_waiter)?;
+        visit.call(&self.high_water.value)?;
+        visit.call(&self.low_water.value)?;
         Ok(())
     }
 
@@ -841,23 +931,25 @@ impl StreamCore {
     }
 
     #[getter(_high_water)]
-    fn get_high_water(&self) -> usize {
-        self.high_water
+    fn get_high_water(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        self.high_water.get(py)
     }
 
     #[setter(_high_water)]
-    fn set_high_water(&mut self, value: usize) {
-        self.high_water = value;
+    fn set_high_water(&mut self, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.high_water = WaterMark::from_value(value)?;
+        Ok(())
     }
 
     #[getter(_low_water)]
-    fn get_low_water(&self) -> usize {
-        self.low_water
+    fn get_low_water(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        self.low_water.get(py)
     }
 
     #[setter(_low_water)]
-    fn set_low_water(&mut self, value: usize) {
-        self.low_water = value;
+    fn set_low_water(&mut self, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.low_water = WaterMark::from_value(value)?;
+        Ok(())
     }
 
     #[getter(max_size)]

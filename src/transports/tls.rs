@@ -379,7 +379,10 @@ fn fatal_on_exception(p: Proto<'_, '_>, r: PyResult<()>) -> PyResult<()> {
     let py = p.py();
     match r {
         Err(e) if e.is_instance_of::<PyException>(py) => {
-            p.call_method1(intern!(py, "_fatal_error"), (e.into_value(py), FATAL))?;
+            let exc = e.into_value(py).into_bound(py).into_any();
+            crate::py::while_handling(&exc, || {
+                p.call_method1(intern!(py, "_fatal_error"), (&exc, FATAL))
+            })?;
             Ok(())
         }
         r => r,

@@ -209,15 +209,28 @@ fn cached_address<'py>(
     Ok(obj)
 }
 
+/// `protocol.error_received(exc)`, called as asyncio calls it: inside its `except OSError`.
+fn error_received(protocol: &Bound<'_, PyAny>, err: PyErr) -> PyResult<()> {
+    let py = protocol.py();
+    let exc = err.into_value(py).into_bound(py).into_any();
+    crate::py::while_handling(&exc, || {
+        protocol.call_method1(intern!(py, "error_received"), (&exc,))
+    })?;
+    Ok(())
+}
+
 fn fatal_error(slf: &Bound<'_, DatagramCore>, err: PyErr, message: &str) -> PyResult<()> {
     let py = slf.py();
     if is_exit(py, &err) {
         return Err(err);
     }
     let transport = slf.borrow().transport.clone_ref(py);
-    transport
-        .bind(py)
-        .call_method1(intern!(py, "_fatal_error"), (err.into_value(py), message))?;
+    let exc = err.into_value(py).into_bound(py).into_any();
+    crate::py::while_handling(&exc, || {
+        transport
+            .bind(py)
+            .call_method1(intern!(py, "_fatal_error"), (&exc, message))
+    })?;
     Ok(())
 }
 
@@ -239,8 +252,7 @@ fn read_ready(slf: &Bound<'_, DatagramCore>) -> PyResult<()> {
             },
             Err(e) if would_block(&e) => return Ok(()),
             Err(e) => {
-                protocol
-                    .call_method1(intern!(py, "error_received"), (os_error(e).into_value(py),))?;
+                error_received(&protocol, os_error(e))?;
                 return Ok(());
             }
         }
@@ -261,7 +273,7 @@ fn read_ready(slf: &Bound<'_, DatagramCore>) -> PyResult<()> {
                 return Ok(())
             }
             Err(e) if e.value(py).is_instance_of::<PyOSError>() => {
-                protocol.call_method1(intern!(py, "error_received"), (e.into_value(py),))?;
+                error_received(&protocol, e)?;
                 return Ok(());
             }
             Err(e) => return fatal_error(slf, e, "Fatal read error on datagram transport"),
@@ -375,10 +387,7 @@ fn sendto(
         }
         Err(e) if e.value(py).is_instance_of::<PyOSError>() => {
             let protocol = slf.borrow().protocol.clone_ref(py);
-            protocol
-                .bind(py)
-                .call_method1(intern!(py, "error_received"), (e.into_value(py),))?;
-            Ok(())
+            error_received(protocol.bind(py), e)
         }
         Err(e) => fatal_error(slf, e, "Fatal write error on datagram transport"),
     }
