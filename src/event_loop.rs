@@ -291,7 +291,10 @@ fn unset_io(slf: &Bound<'_, EventLoop>, fd: &Bound<'_, PyAny>, write: bool) -> P
     if slf.borrow().closed {
         return Ok(false);
     }
-    let fd = py::fileobj_to_fd(fd)?;
+    // An fd too large for a C int is not registered: False, as asyncio answers.
+    let Some(fd) = py::fileobj_to_fd_lookup(fd)? else {
+        return Ok(false);
+    };
     let old = slf.borrow_mut().reactor.unset(fd, write);
     match old {
         Some(h) => {
