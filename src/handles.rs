@@ -188,11 +188,12 @@ pub fn run_handle(
         // The loop is gone: nobody to report to, so the caller gets the error.
         return Err(e);
     };
-    // into_value attaches the traceback to the exception object.
-    l.call_method1(
-        pyo3::intern!(py, "_report_callback_error"),
-        (h, e.into_value(py)),
-    )?;
+    // into_value attaches the traceback to the exception object. Reported while it is the
+    // exception being handled, as asyncio's Handle._run reports from its `except` block.
+    let exc = e.into_value(py).into_bound(py).into_any();
+    crate::py::while_handling(&exc, || {
+        l.call_method1(pyo3::intern!(py, "_report_callback_error"), (h, &exc))
+    })?;
     if taken {
         let released = h.borrow_mut().release();
         drop(released);
