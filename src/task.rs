@@ -368,7 +368,7 @@ fn task_result<'py>(slf: &Bound<'py, Task>) -> PyResult<Bound<'py, PyAny>> {
     let state = slf.borrow().state;
     match state {
         State::Cancelled => Err(PyErr::from_value(make_cancelled_error(slf)?)),
-        State::Pending => Err(invalid_state(py, "Result is not ready.".to_string())),
+        State::Pending => Err(invalid_state(py, "Result is not set.".to_string())),
         State::Finished => {
             let (exc, tb, result) = {
                 let mut t = slf.borrow_mut();
