@@ -7,7 +7,7 @@ use pyo3::exceptions::PyTypeError;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyTuple, PyWeakrefReference};
+use pyo3::types::{PyDict, PyFloat, PyInt, PyTuple, PyWeakrefReference};
 use pyo3::{ffi, PyTraverseError, PyVisit};
 
 use crate::errors::{loop_closed, os_error};
@@ -352,9 +352,16 @@ pub fn call_later<'py>(
     if delay.is_none() {
         return Err(PyTypeError::new_err("delay must not be None"));
     }
-    let delay: f64 = delay.extract()?;
+    // asyncio's `self.time() + delay`: anything but a float or an int through Python's `+`
+    // (a Fraction works, a Decimal or an object with only __float__ is a TypeError there).
+    let now = monotonic();
+    let when = if delay.is_exact_instance_of::<PyFloat>() || delay.is_exact_instance_of::<PyInt>() {
+        now + delay.extract::<f64>()?
+    } else {
+        PyFloat::new(slf.py(), now).add(&delay)?.extract::<f64>()?
+    };
     // asyncio's call_later goes through call_at: its errors name call_at.
-    schedule_at(slf, monotonic() + delay, callback, args, context, "call_at")
+    schedule_at(slf, when, callback, args, context, "call_at")
 }
 
 /// `loop.call_at(when, callback, *args, context=None)`: run `callback(*args)` at `when` on

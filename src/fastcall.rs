@@ -55,26 +55,21 @@ unsafe fn dispatch(
         let slf = Bound::from_borrowed_ptr(py, slf);
         let slf = slf.cast::<EventLoop>()?;
         let nargs = ffi::PyVectorcall_NARGS(nargsf as usize) as usize;
-        let lead = match target {
-            Target::Soon(_) => 0,
-            Target::Timed(..) => 1,
+        let (lead, first) = match target {
+            Target::Soon(_) => (0, ""),
+            Target::Timed(_, first) => (1, first),
         };
-        if nargs <= lead {
-            let missing = match target {
-                Target::Soon(_) => "1 required positional argument: 'callback'".to_string(),
-                Target::Timed(_, first) if nargs == 0 => {
-                    format!("2 required positional arguments: '{first}' and 'callback'")
-                }
-                Target::Timed(..) => "1 required positional argument: 'callback'".to_string(),
-            };
-            return Err(PyTypeError::new_err(format!("{name}() missing {missing}")));
-        }
         let argv = std::slice::from_raw_parts(args, nargs);
-        let callback = Bound::from_borrowed_ptr(py, argv[lead]);
+        // The named parameters ([time,] callback): positionally or by keyword, as Python
+        // binds `def call_later(self, delay, callback, *args, context=None)`.
+        let mut named: [Option<Bound<'_, PyAny>>; 2] = [None, None];
+        for (slot, p) in named.iter_mut().zip(argv.iter().take(lead + 1)) {
+            *slot = Some(Bound::from_borrowed_ptr(py, *p));
+        }
         let rest = PyTuple::new(
             py,
-            argv[lead + 1..]
-                .iter()
+            argv.iter()
+                .skip(lead + 1)
                 .map(|p| Bound::from_borrowed_ptr(py, *p)),
         )?;
         let mut context = None;
@@ -84,24 +79,49 @@ unsafe fn dispatch(
             let values = std::slice::from_raw_parts(args.add(nargs), names.len());
             for (key, value) in names.iter().zip(values) {
                 let key = key.cast_into::<PyString>()?;
-                if key.to_str()? != "context" {
+                let value = Bound::from_borrowed_ptr(py, *value);
+                let k = key.to_str()?;
+                let slot = if k == "context" {
+                    context = (!value.is_none()).then_some(value);
+                    continue;
+                } else if k == "callback" {
+                    lead
+                } else if lead == 1 && k == first {
+                    0
+                } else {
                     return Err(PyTypeError::new_err(format!(
                         "{name}() got an unexpected keyword argument '{key}'"
                     )));
+                };
+                if named[slot].is_some() {
+                    return Err(PyTypeError::new_err(format!(
+                        "{name}() got multiple values for argument '{key}'"
+                    )));
                 }
-                let value = Bound::from_borrowed_ptr(py, *value);
-                context = (!value.is_none()).then_some(value);
+                named[slot] = Some(value);
             }
         }
-        let handle = match target {
-            Target::Soon(body) => body(slf, callback, rest, context)?,
-            Target::Timed(body, _) => body(
-                slf,
-                Bound::from_borrowed_ptr(py, argv[0]),
-                callback,
-                rest,
-                context,
-            )?,
+        let [a, b] = named;
+        let handle = match (target, a, b) {
+            (Target::Soon(body), Some(callback), _) => body(slf, callback, rest, context)?,
+            (Target::Timed(body, _), Some(time), Some(callback)) => {
+                body(slf, time, callback, rest, context)?
+            }
+            (_, a, b) => {
+                // Python's message for the parameters not given.
+                let given = [a.is_some(), b.is_some()];
+                let params = [first, "callback"];
+                let missing: Vec<String> = (0..=lead)
+                    .filter(|&i| !given[i])
+                    .map(|i| format!("'{}'", params[i + 1 - lead]))
+                    .collect();
+                let plural = if missing.len() == 1 { "" } else { "s" };
+                return Err(PyTypeError::new_err(format!(
+                    "{name}() missing {} required positional argument{plural}: {}",
+                    missing.len(),
+                    missing.join(" and ")
+                )));
+            }
         };
         Ok(handle.into_ptr())
     }));

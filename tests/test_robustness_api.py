@@ -1,0 +1,116 @@
+"""The scheduling and task API called the ways Python allows: keywords, odd numbers."""
+
+import asyncio
+import decimal
+import fractions
+
+import pytest
+from parity_helpers import run_briefly
+
+
+def noop(*args):
+    pass
+
+
+# call_soon / call_later / call_at bind their named parameters as Python functions do.
+
+
+def test_call_soon_takes_callback_by_keyword(loop):
+    ran = []
+    handle = loop.call_soon(callback=lambda: ran.append("soon"), context=None)
+    assert not handle.cancelled()
+    loop.call_soon_threadsafe(callback=lambda: ran.append("threadsafe"))
+    run_briefly(loop)
+    assert ran == ["soon", "threadsafe"]
+
+
+def test_call_later_and_call_at_take_every_named_parameter_by_keyword(loop):
+    ran = []
+    loop.call_later(delay=0, callback=ran.append)  # append() with no argument: reported
+    loop.call_later(0, callback=lambda: ran.append("later"))
+    loop.call_at(when=loop.time(), callback=lambda: ran.append("at"))
+    loop.call_at(loop.time(), callback=lambda: ran.append("at2"))
+    errors = []
+    loop.set_exception_handler(lambda lp, context: errors.append(type(context["exception"])))
+    loop.call_later(0.01, loop.stop)
+    loop.run_forever()
+    assert sorted(ran) == ["at", "at2", "later"]
+    assert errors == [TypeError]
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda lp: lp.call_soon(noop, callback=noop), "multiple values for argument 'callback'"),
+        (lambda lp: lp.call_later(0, delay=0, callback=noop), "multiple values for argument"),
+        (lambda lp: lp.call_at(0, noop, when=0), "multiple values for argument 'when'"),
+        (
+            lambda lp: lp.call_later(callback=noop),
+            "missing 1 required positional argument: 'delay'",
+        ),
+        (lambda lp: lp.call_at(callback=noop), "missing 1 required positional argument: 'when'"),
+        (lambda lp: lp.call_later(delay=1), "missing 1 required positional argument: 'callback'"),
+        (
+            lambda lp: lp.call_at(),
+            "missing 2 required positional arguments: 'when' and 'callback'",
+        ),
+        (lambda lp: lp.call_soon(), "missing 1 required positional argument: 'callback'"),
+        (lambda lp: lp.call_soon(noop, bogus=1), "unexpected keyword argument 'bogus'"),
+        (lambda lp: lp.call_later(0, noop, when=1), "unexpected keyword argument 'when'"),
+        (lambda lp: lp.call_at(0, noop, delay=1), "unexpected keyword argument 'delay'"),
+    ],
+)
+def test_bad_bindings_are_pythons_type_errors(loop, call, message):
+    with pytest.raises(TypeError, match=message):
+        call(loop)
+    run_briefly(loop)
+
+
+# call_later computes asyncio's `self.time() + delay`.
+
+
+class IntWithBadFloat(int):
+    def __float__(self):
+        raise ValueError("__float__ is not used for an int")
+
+
+class OnlyFloat:
+    def __float__(self):
+        return 0.0
+
+
+@pytest.mark.parametrize("delay", [fractions.Fraction(1, 100), IntWithBadFloat(0), False, 0.0, 0])
+def test_call_later_adds_any_number_python_adds_to_a_float(loop, delay):
+    ran = []
+    handle = loop.call_later(delay, ran.append, "ran")
+    assert isinstance(handle.when(), float)
+    loop.call_later(0.05, loop.stop)
+    loop.run_forever()
+    assert ran == ["ran"]
+
+
+@pytest.mark.parametrize("delay", [decimal.Decimal("0.01"), OnlyFloat(), "1"])
+def test_call_later_refuses_what_python_cannot_add_to_a_float(loop, delay):
+    with pytest.raises(TypeError):
+        loop.call_later(delay, noop)
+    run_briefly(loop)
+
+
+def test_call_later_with_an_int_too_large_for_a_float_is_an_overflow_error(loop):
+    with pytest.raises(OverflowError):
+        loop.call_later(10**400, noop)
+
+
+# Task results, as asyncio's C Task reports them.
+
+
+def test_result_of_a_pending_task_is_the_c_tasks_error(loop):
+    async def wait():
+        await asyncio.sleep(0)
+
+    task = loop.create_task(wait())
+    with pytest.raises(asyncio.InvalidStateError, match=r"^Result is not set\.$"):
+        task.result()
+    with pytest.raises(asyncio.InvalidStateError, match=r"^Exception is not set\.$"):
+        task.exception()
+    loop.run_until_complete(task)
