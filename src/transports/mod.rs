@@ -206,6 +206,21 @@ pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// `field = value` on a native core, the old value dropped once the core is no longer
+/// borrowed: dropping the last reference to a protocol (or a buffer, a waiter) runs its
+/// `__del__` or weakref callbacks, which may call the transport, as they can on asyncio's
+/// plain Python transports.
+pub fn replace_field<C, T>(
+    slf: &Bound<'_, C>,
+    field: impl for<'a> FnOnce(&'a mut C) -> &'a mut T,
+    value: T,
+) where
+    C: pyo3::PyClass<Frozen = pyo3::pyclass::boolean_struct::False>,
+{
+    let old = std::mem::replace(field(&mut slf.borrow_mut()), value);
+    drop(old);
+}
+
 /// asyncio lets KeyboardInterrupt and SystemExit through every transport `except` clause.
 pub fn is_exit(py: Python<'_>, err: &PyErr) -> bool {
     err.is_instance_of::<PyKeyboardInterrupt>(py) || err.is_instance_of::<PySystemExit>(py)

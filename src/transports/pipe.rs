@@ -19,7 +19,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use pyo3::{PyTraverseError, PyVisit};
 
-use super::{is_exit, would_block, ByteView};
+use super::{is_exit, replace_field, would_block, ByteView};
 use crate::errors::os_error;
 
 /// `os.read(fd, max_size)` through the thread's reusable buffer (EINTR retried, as `os.read`).
@@ -120,7 +120,7 @@ impl ReadPipeCore {
     }
 
     fn __clear__(&mut self, py: Python<'_>) {
-        self._detach(py);
+        self.protocol = py.None();
         self.transport = py.None();
     }
 
@@ -135,8 +135,9 @@ impl ReadPipeCore {
     }
 
     /// After `connection_lost`: forget the protocol (asyncio sets it to None).
-    fn _detach(&mut self, py: Python<'_>) {
-        self.protocol = py.None();
+    fn _detach(slf: &Bound<'_, Self>) {
+        // With the core free: the protocol's __del__ may call the transport.
+        replace_field(slf, |s| &mut s.protocol, slf.py().None());
     }
 
     #[getter(_protocol)]
@@ -145,8 +146,8 @@ impl ReadPipeCore {
     }
 
     #[setter(_protocol)]
-    fn set_protocol(&mut self, value: Py<PyAny>) {
-        self.protocol = value;
+    fn set_protocol(slf: &Bound<'_, Self>, value: Py<PyAny>) {
+        replace_field(slf, |s| &mut s.protocol, value);
     }
 }
 
@@ -290,8 +291,8 @@ impl WritePipeCore {
     }
 
     #[setter(_buffer)]
-    fn set_buffer(&mut self, value: Py<PyAny>) {
-        self.buffer = value;
+    fn set_buffer(slf: &Bound<'_, Self>, value: Py<PyAny>) {
+        replace_field(slf, |s| &mut s.buffer, value);
     }
 
     #[getter(_conn_lost)]

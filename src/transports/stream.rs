@@ -21,8 +21,9 @@ use pyo3::{PyTraverseError, PyVisit};
 
 use super::tls::{is_tls_protocol, Read as TlsRead};
 use super::{
-    buffered_protocol, is_exit, logger, recv_into, send, sendmsg, shutdown_write, would_block,
-    ByteView, WriteBuffer, DEFAULT_HIGH_WATER, IOV_MAX, LOG_THRESHOLD_FOR_CONNLOST_WRITES,
+    buffered_protocol, is_exit, logger, recv_into, replace_field, send, sendmsg, shutdown_write,
+    would_block, ByteView, WriteBuffer, DEFAULT_HIGH_WATER, IOV_MAX,
+    LOG_THRESHOLD_FOR_CONNLOST_WRITES,
 };
 use crate::errors::os_error;
 use crate::sockets::recv_bytes;
@@ -545,7 +546,6 @@ fn read_into_buffer(
             ))
         })
         .map(|view| recv_into(fd, view.as_mut_ptr(), view.len()));
-    drop(buf);
     let nbytes = match res {
         Ok(Ok(n)) => n,
         Ok(Err(e)) if would_block(&e) => return Ok(()),
@@ -562,6 +562,8 @@ fn read_into_buffer(
             "Fatal error: protocol.buffer_updated() call failed.",
         );
     }
+    // The buffer lives until buffer_updated() has run, as asyncio's local `buf`.
+    drop(buf);
     Ok(())
 }
 
@@ -636,11 +638,15 @@ fn force_close(slf: &Bound<'_, StreamCore>, exc: Bound<'_, PyAny>) -> PyResult<(
 fn set_protocol(slf: &Bound<'_, StreamCore>, protocol: Bound<'_, PyAny>) -> PyResult<()> {
     let buffered = protocol.is_instance(buffered_protocol(slf.py())?)?;
     let tls = is_tls_protocol(&protocol);
-    let mut s = slf.borrow_mut();
-    s.buffered = buffered;
-    s.tls = tls;
-    s.protocol = protocol.unbind();
-    s.protocol_connected = true;
+    let old = {
+        let mut s = slf.borrow_mut();
+        s.buffered = buffered;
+        s.tls = tls;
+        s.protocol_connected = true;
+        std::mem::replace(&mut s.protocol, protocol.unbind())
+    };
+    // The old protocol may go now: its __del__ runs with the core free (replace_field).
+    drop(old);
     Ok(())
 }
 
@@ -838,16 +844,18 @@ impl StreamCore {
         Ok(waiter.unbind())
     }
 
-    fn _reset_empty_waiter(&mut self) {
-        self.empty_waiter = None;
+    fn _reset_empty_waiter(slf: &Bound<'_, Self>) {
+        replace_field(slf, |s| &mut s.empty_waiter, None);
     }
 
     /// After `connection_lost`: forget the loop, transport and protocol (asyncio sets
-    /// `_loop`/`_protocol` to None), which also breaks the transport <-> core cycle.
-    fn _detach(&mut self, py: Python<'_>) {
-        self.loop_ = py.None();
-        self.transport = py.None();
-        self.protocol = py.None();
+    /// `_loop`/`_protocol` to None), which also breaks the transport <-> core cycle. The
+    /// protocol goes first, with the core free (replace_field), as asyncio drops it first.
+    fn _detach(slf: &Bound<'_, Self>) {
+        let py = slf.py();
+        replace_field(slf, |s| &mut s.protocol, py.None());
+        replace_field(slf, |s| &mut s.transport, py.None());
+        replace_field(slf, |s| &mut s.loop_, py.None());
     }
 
     #[getter(_protocol)]
@@ -856,8 +864,8 @@ impl StreamCore {
     }
 
     #[setter(_protocol)]
-    fn set_protocol_attr(&mut self, value: Py<PyAny>) {
-        self.protocol = value;
+    fn set_protocol_attr(slf: &Bound<'_, Self>, value: Py<PyAny>) {
+        replace_field(slf, |s| &mut s.protocol, value);
     }
 
     #[getter(_protocol_connected)]
@@ -916,8 +924,8 @@ impl StreamCore {
     }
 
     #[setter(_empty_waiter)]
-    fn set_empty_waiter(&mut self, value: Option<Py<PyAny>>) {
-        self.empty_waiter = value;
+    fn set_empty_waiter(slf: &Bound<'_, Self>, value: Option<Py<PyAny>>) {
+        replace_field(slf, |s| &mut s.empty_waiter, value);
     }
 
     #[getter(_protocol_paused)]

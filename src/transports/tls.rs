@@ -86,7 +86,7 @@ pub struct TlsProtocolCore {
     incoming_write: Option<Py<PyAny>>,
     outgoing: Py<PyAny>,
     outgoing_read: Option<Py<PyAny>>,
-    #[pyo3(get, set)]
+    /// Read and set through methods below: the old protocol goes with the core free.
     _app_protocol: Py<PyAny>,
     #[pyo3(get, set)]
     _app_protocol_is_buffer: Py<PyAny>,
@@ -218,6 +218,16 @@ impl TlsProtocolCore {
         let py = value.py();
         self.outgoing_read = bound_method(&value, intern!(py, "read"));
         self.outgoing = value.unbind();
+    }
+
+    #[getter(_app_protocol)]
+    fn get_app_protocol(&self, py: Python<'_>) -> Py<PyAny> {
+        self._app_protocol.clone_ref(py)
+    }
+
+    #[setter(_app_protocol)]
+    fn set_app_protocol(slf: &Bound<'_, Self>, value: Py<PyAny>) {
+        super::replace_field(slf, |s| &mut s._app_protocol, value);
     }
 
     #[getter(_transport)]

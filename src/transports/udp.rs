@@ -21,7 +21,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 use pyo3::{PyTraverseError, PyVisit};
 
-use super::{is_exit, send, would_block, ByteView};
+use super::{is_exit, replace_field, send, would_block, ByteView};
 use crate::errors::os_error;
 
 /// A raw socket address as `recvfrom` filled it in.
@@ -439,7 +439,10 @@ impl DatagramCore {
     }
 
     fn __clear__(&mut self, py: Python<'_>) {
-        self._detach(py);
+        self.loop_ = py.None();
+        self.sock = py.None();
+        self.protocol = py.None();
+        self.last_addr = None;
         self.transport = py.None();
         self.buffer = py.None();
         self.address = py.None();
@@ -470,11 +473,13 @@ impl DatagramCore {
 
     /// After `connection_lost`: forget the loop, socket and protocol (asyncio sets them to
     /// None); the transport stays, for asyncio's sendto on a closed transport.
-    fn _detach(&mut self, py: Python<'_>) {
-        self.loop_ = py.None();
-        self.sock = py.None();
-        self.protocol = py.None();
-        self.last_addr = None;
+    /// After `connection_lost`: the protocol goes first, with the core free (replace_field).
+    fn _detach(slf: &Bound<'_, Self>) {
+        let py = slf.py();
+        replace_field(slf, |s| &mut s.protocol, py.None());
+        replace_field(slf, |s| &mut s.sock, py.None());
+        replace_field(slf, |s| &mut s.loop_, py.None());
+        replace_field(slf, |s| &mut s.last_addr, None);
     }
 
     #[getter(_protocol)]
@@ -483,8 +488,8 @@ impl DatagramCore {
     }
 
     #[setter(_protocol)]
-    fn set_protocol(&mut self, value: Py<PyAny>) {
-        self.protocol = value;
+    fn set_protocol(slf: &Bound<'_, Self>, value: Py<PyAny>) {
+        replace_field(slf, |s| &mut s.protocol, value);
     }
 
     #[getter(_conn_lost)]
@@ -503,8 +508,8 @@ impl DatagramCore {
     }
 
     #[setter(_buffer)]
-    fn set_buffer(&mut self, value: Py<PyAny>) {
-        self.buffer = value;
+    fn set_buffer(slf: &Bound<'_, Self>, value: Py<PyAny>) {
+        replace_field(slf, |s| &mut s.buffer, value);
     }
 
     #[getter(_address)]
