@@ -650,8 +650,8 @@ fn add_done_callback(
     .map(drop)
 }
 
-/// asyncio's checks on a yielded future: of this loop, yielded by `await` (blocking), not
-/// the task itself. When one fails, the next step throws the RuntimeError into the coroutine
+/// asyncio's checks on a yielded future: of this loop, not the task itself, yielded by
+/// `await` (blocking). When one fails, the next step throws the RuntimeError into the coroutine
 /// and this returns false.
 fn check_awaited(
     slf: &Bound<'_, Task>,
@@ -666,11 +666,13 @@ fn check_awaited(
             repr_of(slf),
             repr_of(result)
         )
+    } else if result.is(slf) {
+        // Before the blocking check, as asyncio's C Task: a bare `yield` of the task itself
+        // is "cannot await on itself" there too.
+        format!("Task cannot await on itself: {}", repr_of(slf))
     } else if !blocking {
         bad_yield(slf, result)?;
         return Ok(false);
-    } else if result.is(slf) {
-        format!("Task cannot await on itself: {}", repr_of(slf))
     } else {
         return Ok(true);
     };

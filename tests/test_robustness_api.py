@@ -3,6 +3,7 @@
 import asyncio
 import decimal
 import fractions
+import types
 
 import pytest
 from parity_helpers import run_briefly
@@ -114,3 +115,28 @@ def test_result_of_a_pending_task_is_the_c_tasks_error(loop):
     with pytest.raises(asyncio.InvalidStateError, match=r"^Exception is not set\.$"):
         task.exception()
     loop.run_until_complete(task)
+
+
+def test_a_bare_yield_of_the_task_itself_is_cannot_await_on_itself(loop):
+    @types.coroutine
+    def bare_yield(value):
+        return (yield value)
+
+    async def yields_itself():
+        return await bare_yield(asyncio.current_task())
+
+    task = loop.create_task(yields_itself())
+    with pytest.raises(RuntimeError, match="^Task cannot await on itself: "):
+        loop.run_until_complete(task)
+
+
+def test_a_bare_yield_of_another_future_is_yield_instead_of_yield_from(loop):
+    @types.coroutine
+    def bare_yield(value):
+        return (yield value)
+
+    async def yields_a_future():
+        return await bare_yield(loop.create_future())
+
+    with pytest.raises(RuntimeError, match="^yield was used instead of yield from in task "):
+        loop.run_until_complete(yields_a_future())
