@@ -140,3 +140,42 @@ def test_a_bare_yield_of_another_future_is_yield_instead_of_yield_from(loop):
 
     with pytest.raises(RuntimeError, match="^yield was used instead of yield from in task "):
         loop.run_until_complete(yields_a_future())
+
+
+# A replaced loop.time() (virtual clocks in test tools patch it): asyncio schedules every
+# timer by self.time(); ferroloop's native core reads the monotonic clock. Known, not fixed
+# here: the fix belongs in the core's turn (src/event_loop.rs) and costs a lookup per timer.
+
+
+@pytest.fixture
+def xfail_on_ferroloop(request, loop_kind):
+    if loop_kind == "ferroloop":
+        request.node.add_marker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="the native core schedules by time.monotonic(), not a replaced "
+                "loop.time() (src/event_loop.rs)",
+            )
+        )
+
+
+@pytest.mark.usefixtures("xfail_on_ferroloop")
+def test_timers_follow_a_patched_loop_time(loop):
+    ran = []
+    real_time = loop.time
+    offset = [0.0]
+    loop.time = lambda: real_time() + offset[0]
+    loop.call_later(100, ran.append, "due on the patched clock")
+    offset[0] = 1000.0
+    loop.call_later(0.05, loop.stop)
+    loop.run_forever()
+    assert ran == ["due on the patched clock"]
+
+
+@pytest.mark.usefixtures("xfail_on_ferroloop")
+def test_call_later_counts_from_a_patched_loop_time(loop):
+    real_time = loop.time
+    loop.time = lambda: real_time() + 500.0
+    handle = loop.call_later(1, noop)
+    assert round(handle.when() - real_time()) == 501
+    handle.cancel()
