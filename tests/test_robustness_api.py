@@ -179,3 +179,27 @@ def test_call_later_counts_from_a_patched_loop_time(loop):
     handle = loop.call_later(1, noop)
     assert round(handle.when() - real_time()) == 501
     handle.cancel()
+
+
+def test_call_later_goes_through_a_subclass_call_at(loop):
+    """asyncio's call_later calls self.call_at: a subclass's override sees its timers."""
+    scheduled = []
+
+    class Recording(type(loop)):
+        def call_at(self, when, callback, *args, context=None):
+            scheduled.append(callback)
+            return super().call_at(when, callback, *args, context=context)
+
+    sub = Recording()
+    try:
+        ran = []
+        handle = sub.call_later(0, ran.append, "ran")
+        assert scheduled == [ran.append]
+        assert handle.when() <= sub.time()
+        sub.call_later(0.01, sub.stop)
+        sub.run_forever()
+        assert ran == ["ran"]
+        with pytest.raises(TypeError, match="delay must not be None"):
+            sub.call_later(None, noop)
+    finally:
+        sub.close()

@@ -105,6 +105,14 @@ class Loop(_NativeLoop, unix_events.SelectorEventLoop, metaclass=_nested.LoopTyp
     # metaclass makes nest_asyncio's patch of the class work on the native core.
     _nested_runs = False
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # asyncio's call_later schedules through self.call_at: a subclass that replaces
+        # call_at (to record or shift timers, as CPython's TestLoop does) gets asyncio's own
+        # call_later, so that its timers go through it too. Loop itself keeps the native one.
+        if cls.call_at is not _NativeLoop.call_at and cls.call_later is _NativeLoop.call_later:
+            cls.call_later = base_events.BaseEventLoop.call_later
+
     def __init__(self, *, native_tasks=None):
         # asyncio's own constructor chain sets every attribute its methods (and CPython's
         # tests) read, for this Python version; the native core owns the queues.
