@@ -267,3 +267,47 @@ def test_regular_file_and_closed_fd_readers_raise_asyncios_errors(loop, tmp_path
     assert info.value.errno is not None
     assert loop.remove_reader(r) is False
     run(loop, asyncio.sleep(0))
+
+
+def _cpython_test_cert():
+    import test
+
+    path = os.path.join(os.path.dirname(test.__file__), "certdata", "keycert.pem")
+    if not os.path.exists(path):
+        pytest.skip("CPython's test certificates are not installed")
+    return path
+
+
+def test_tls_write_after_close_raises_asyncios_errors(loop):
+    import ssl
+
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(_cpython_test_cert())
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.check_hostname = False
+    client_ctx.verify_mode = ssl.CERT_NONE
+
+    async def main():
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0, ssl=server_ctx)
+        port = server.sockets[0].getsockname()[1]
+        protocol = Recorder()
+        transport, _ = await loop.create_connection(
+            lambda: protocol, "127.0.0.1", port, ssl=client_ctx
+        )
+        transport.close()
+        for _ in range(100):
+            if protocol.events:
+                break
+            await asyncio.sleep(0.01)
+        server.close()
+        await server.wait_closed()
+        return transport, protocol
+
+    transport, protocol = run(loop, main())
+    assert protocol.events and protocol.events[-1][0] == "lost"
+    transport.close()  # a second close() drops the transport's SSL protocol (asyncio's)
+    with pytest.raises(TypeError, match="^data: expecting a bytes-like instance, got str$"):
+        transport.write("str")
+    with pytest.raises(AttributeError, match="_write_appdata"):
+        transport.write(b"data")
+    transport.write(b"")  # nothing to write: no error, as asyncio

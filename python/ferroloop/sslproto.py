@@ -42,8 +42,12 @@ class _SSLProtocolTransport(sslproto._SSLProtocolTransport):
     def write(self, data):
         """Write some data bytes to the transport (asyncio's checks and semantics)."""
         # Replaced below by a native method descriptor (no frame per write); it calls this
-        # definition for any other call shape.
-        tls_app_write(self._ssl_protocol, data)
+        # definition for any other call shape, and once the connection is lost (no
+        # protocol): asyncio's method then raises what it raises there.
+        ssl_protocol = self._ssl_protocol
+        if ssl_protocol is None:
+            return sslproto._SSLProtocolTransport.write(self, data)
+        tls_app_write(ssl_protocol, data)
 
 
 _SSLProtocolTransport.write = TlsProtocolCore._app_write_descriptor(
