@@ -50,9 +50,12 @@ impl Handle {
     ) -> PyResult<Handle> {
         let context = match context {
             Some(c) => c,
-            // SAFETY: PyContext_CopyCurrent returns a new reference or NULL with an error set.
+            // SAFETY: PyContext_CopyCurrent returns a new reference or NULL with an error set;
+            // the copy is a new, tracked Context that only this handle refers to.
             None => unsafe {
-                Bound::from_owned_ptr_or_err(py, ffi::PyContext_CopyCurrent())?.unbind()
+                let copy = Bound::from_owned_ptr_or_err(py, ffi::PyContext_CopyCurrent())?;
+                ffi::PyObject_GC_UnTrack(copy.as_ptr().cast());
+                copy.unbind()
             },
         };
         let source_traceback = if debug {
@@ -91,7 +94,19 @@ impl Handle {
     }
 
     fn take_all(&mut self) -> Released {
-        (self.callback.take(), self.args.take(), self.context.take())
+        let context = self.context.take();
+        if let Some(c) = &context {
+            track_context(c);
+        }
+        (self.callback.take(), self.args.take(), context)
+    }
+
+    /// The context, for code outside the handle (which may keep it: it goes back on the
+    /// collector's lists).
+    fn shared_context(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        let c = self.context.as_ref()?;
+        track_context(c);
+        Some(c.clone_ref(py))
     }
 
     pub fn create(py: Python<'_>, mut h: Handle, when: Option<f64>) -> PyResult<Bound<'_, Handle>> {
@@ -109,6 +124,35 @@ impl Handle {
         // SAFETY: `obj` is a live GC object we just created; untracking is always allowed.
         unsafe { ffi::PyObject_GC_UnTrack(obj.as_ptr().cast()) };
         Ok(obj)
+    }
+}
+
+/// The contextvars context a handle copies for itself (`PyContext_CopyCurrent`, once per
+/// `call_soon`) is kept off the cycle collector's lists while only the handle holds it: a
+/// thread posting callbacks faster than the loop ran them left thousands of fresh contexts
+/// for every young collection to walk (a fifth of `call_soon_threadsafe`'s time). Such a
+/// copy can be in no cycle: it is new, nothing but the handle refers to it, and its
+/// variables were set before it existed, so none of them leads back to it. It goes back on
+/// the lists (`track_context`) as soon as it leaves the handle: when it is handed out
+/// (`get_context`), when the handle runs or is cancelled, and when the handle is freed,
+/// since a context's deallocator expects a tracked object on some Python versions.
+fn track_context(context: &Py<PyAny>) {
+    let p = context.as_ptr();
+    // SAFETY: the caller holds the GIL (handles live and die under it); `p` is a live
+    // object; only an untracked Context (one this module untracked) is tracked again, and
+    // tracking an already tracked object is never attempted (CPython aborts on that).
+    unsafe {
+        if ffi::PyContext_CheckExact(p) != 0 && ffi::PyObject_GC_IsTracked(p) == 0 {
+            ffi::PyObject_GC_Track(p.cast());
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        if let Some(c) = &self.context {
+            track_context(c);
+        }
     }
 }
 
@@ -245,7 +289,7 @@ impl Handle {
     }
 
     fn get_context(&self, py: Python<'_>) -> Option<Py<PyAny>> {
-        self.context.as_ref().map(|c| c.clone_ref(py))
+        self.shared_context(py)
     }
 
     /// Run the callback now (asyncio's private `Handle._run`).
