@@ -6,6 +6,7 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::pyclass::CompareOp;
 use pyo3::types::{PyTuple, PyWeakrefReference};
+use pyo3::{PyTraverseError, PyVisit};
 
 use crate::event_loop::EventLoop;
 use crate::py;
@@ -147,6 +148,45 @@ fn track_context(context: &Py<PyAny>) {
             ffi::PyObject_GC_Track(p.cast());
         }
     }
+}
+
+/// Report a handle's context to the cycle collector (for the loop's `__traverse__`): the
+/// context itself, or, for a copy kept off the collector's lists that the handle alone
+/// holds, what the context refers to, as the handle's own references (the collector
+/// cannot see past an untracked object, and a context variable may lead back to the
+/// loop). Reads the fields of CPython's `PyContext` (`ctx_prev`, `ctx_vars`: the two
+/// object pointers after the object header, the same in every CPython since 3.7), as its
+/// own `tp_traverse` does; no public API gives them without calling Python code.
+pub fn traverse_context(
+    py: Python<'_>,
+    context: &Py<PyAny>,
+    visit: &PyVisit<'_>,
+) -> Result<(), PyTraverseError> {
+    let p = context.as_ptr();
+    // SAFETY: called from tp_traverse with the GIL held; `p` is a live object; only an
+    // exact Context is read as one, and the borrowed pointers are never released.
+    unsafe {
+        if ffi::PyContext_CheckExact(p) == 0 || ffi::PyObject_GC_IsTracked(p) != 0 {
+            return visit.call(context);
+        }
+        if ffi::Py_REFCNT(p) != 1 {
+            // Held elsewhere too (entered on a thread right now): that holder keeps it.
+            return Ok(());
+        }
+        let fields = p
+            .cast::<u8>()
+            .add(std::mem::size_of::<ffi::PyObject>())
+            .cast::<*mut ffi::PyObject>();
+        for i in 0..2 {
+            let field = *fields.add(i);
+            if !field.is_null() {
+                let borrowed =
+                    std::mem::ManuallyDrop::new(Bound::from_owned_ptr(py, field).unbind());
+                visit.call(&*borrowed)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Drop for Handle {
