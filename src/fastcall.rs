@@ -53,7 +53,9 @@ unsafe fn dispatch(
     let py = Python::assume_attached();
     let result = catch_unwind(AssertUnwindSafe(|| -> PyResult<*mut ffi::PyObject> {
         let slf = Bound::from_borrowed_ptr(py, slf);
-        let slf = slf.cast::<EventLoop>()?;
+        // The method descriptor has checked that `self` is an EventLoop (instance of a
+        // subclass: `ferroloop.Loop`) before calling: no second type check here.
+        let slf = slf.cast_unchecked::<EventLoop>();
         let nargs = ffi::PyVectorcall_NARGS(nargsf as usize) as usize;
         let lead = match target {
             Target::Soon(_) => 0,
@@ -71,12 +73,17 @@ unsafe fn dispatch(
         }
         let argv = std::slice::from_raw_parts(args, nargs);
         let callback = Bound::from_borrowed_ptr(py, argv[lead]);
-        let rest = PyTuple::new(
-            py,
-            argv[lead + 1..]
-                .iter()
-                .map(|p| Bound::from_borrowed_ptr(py, *p)),
-        )?;
+        let rest = if nargs == lead + 1 {
+            // No arguments for the callback (the common case): the shared empty tuple.
+            PyTuple::empty(py)
+        } else {
+            PyTuple::new(
+                py,
+                argv[lead + 1..]
+                    .iter()
+                    .map(|p| Bound::from_borrowed_ptr(py, *p)),
+            )?
+        };
         let mut context = None;
         if !kwnames.is_null() {
             let names = Bound::from_borrowed_ptr(py, kwnames);
@@ -84,7 +91,9 @@ unsafe fn dispatch(
             let values = std::slice::from_raw_parts(args.add(nargs), names.len());
             for (key, value) in names.iter().zip(values) {
                 let key = key.cast_into::<PyString>()?;
-                if key.to_str()? != "context" {
+                // Callers pass the interned name (asyncio's C Task and Future do): compare
+                // the object first, the text only for another string object.
+                if !key.is(pyo3::intern!(py, "context")) && key.to_str()? != "context" {
                     return Err(PyTypeError::new_err(format!(
                         "{name}() got an unexpected keyword argument '{key}'"
                     )));

@@ -169,3 +169,29 @@ def test_a_post_to_a_stopped_loop_runs_on_the_next_run(loop):
     assert got == []
     run_briefly(loop)
     assert got == ["posted"]
+
+
+def test_context_keyword_as_a_runtime_built_string(loop):
+    # The keyword's name need not be the interned "context" object.
+    ctx = contextvars.copy_context()
+    ctx.run(var.set, "explicit")
+    name = "con" + str(len("text")).replace("4", "text")  # built at run time: not interned
+    assert name == "context"
+    seen = []
+    loop.call_soon(lambda: seen.append(("soon", var.get())), **{name: ctx})
+    loop.call_soon_threadsafe(lambda: seen.append(("threadsafe", var.get())), **{name: ctx})
+    loop.call_later(0, lambda: seen.append(("later", var.get())), **{name: ctx})
+    run_briefly(loop)
+    run_briefly(loop)
+    assert sorted(seen) == [("later", "explicit"), ("soon", "explicit"), ("threadsafe", "explicit")]
+
+
+def test_callback_arguments_are_passed_through(loop):
+    got = []
+    loop.call_soon(lambda: got.append(()))
+    loop.call_soon(lambda *a: got.append(a), 1)
+    loop.call_soon_threadsafe(lambda *a: got.append(a), 1, "two", None)
+    loop.call_later(0, lambda *a: got.append(a), "t")
+    run_briefly(loop)
+    run_briefly(loop)
+    assert sorted(got, key=repr) == sorted([(), (1,), (1, "two", None), ("t",)], key=repr)
