@@ -559,7 +559,7 @@ fn traverse_handle(
         visit.call(a)?;
     }
     if let Some(c) = &h.context {
-        visit.call(c)?;
+        crate::handles::traverse_context(py, c, visit)?;
     }
     Ok(())
 }

@@ -53,7 +53,9 @@ unsafe fn dispatch(
     let py = Python::assume_attached();
     let result = catch_unwind(AssertUnwindSafe(|| -> PyResult<*mut ffi::PyObject> {
         let slf = Bound::from_borrowed_ptr(py, slf);
-        let slf = slf.cast::<EventLoop>()?;
+        // The method descriptor has checked that `self` is an EventLoop (instance of a
+        // subclass: `ferroloop.Loop`) before calling: no second type check here.
+        let slf = slf.cast_unchecked::<EventLoop>();
         let nargs = ffi::PyVectorcall_NARGS(nargsf as usize) as usize;
         let (lead, first) = match target {
             Target::Soon(_) => (0, ""),
@@ -66,12 +68,17 @@ unsafe fn dispatch(
         for (slot, p) in named.iter_mut().zip(argv.iter().take(lead + 1)) {
             *slot = Some(Bound::from_borrowed_ptr(py, *p));
         }
-        let rest = PyTuple::new(
-            py,
-            argv.iter()
-                .skip(lead + 1)
-                .map(|p| Bound::from_borrowed_ptr(py, *p)),
-        )?;
+        let rest = if nargs <= lead + 1 {
+            // No arguments for the callback (the common case): the shared empty tuple.
+            PyTuple::empty(py)
+        } else {
+            PyTuple::new(
+                py,
+                argv[lead + 1..]
+                    .iter()
+                    .map(|p| Bound::from_borrowed_ptr(py, *p)),
+            )?
+        };
         let mut context = None;
         if !kwnames.is_null() {
             let names = Bound::from_borrowed_ptr(py, kwnames);
@@ -80,7 +87,10 @@ unsafe fn dispatch(
             for (key, value) in names.iter().zip(values) {
                 let key = key.cast_into::<PyString>()?;
                 let value = Bound::from_borrowed_ptr(py, *value);
-                let k = key.to_str()?;
+                // Callers pass the interned name (asyncio's C Task and Future do): compare
+                // the object first, the text only for another string object.
+                let is_context = key.is(pyo3::intern!(py, "context"));
+                let k = if is_context { "context" } else { key.to_str()? };
                 let slot = if k == "context" {
                     context = (!value.is_none()).then_some(value);
                     continue;

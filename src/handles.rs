@@ -6,20 +6,24 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::pyclass::CompareOp;
 use pyo3::types::{PyTuple, PyWeakrefReference};
+use pyo3::{PyTraverseError, PyVisit};
 
 use crate::event_loop::EventLoop;
 use crate::py;
 
-/// A callback scheduled on the loop. Timer fields (`when`, `scheduled`) live here too, so
-/// the loop can keep one queue type; `TimerHandle` only adds the timer methods.
+/// A callback scheduled on the loop. The timer flag (`scheduled`) lives here too, so the
+/// loop can keep one queue type; `TimerHandle` adds the deadline and the timer methods.
+/// Debug-mode fields sit behind one pointer: a handle is 96 bytes with its GC header
+/// (was 112), which a thread posting 100,000 callbacks touches fresh memory for.
 ///
 /// Handles are not tracked by Python's cycle collector: every `call_soon` allocates one,
 /// and tracking them made the collector a third of a busy loop's time. They can take part
 /// in no cycle: the loop is held through a weak reference, and the callback, arguments and
 /// context are dropped once a one-shot handle has run or is cancelled (until then the
 /// loop holds the handle, so it is alive anyway). A free list recycles handle objects:
-/// allocation was the next largest cost of a busy loop.
-#[pyclass(subclass, weakref, freelist = 4096, module = "ferroloop._ferroloop")]
+/// allocation was the next largest cost of a busy loop (see `alloc`, which also keeps
+/// handles out of the collector's allocation count).
+#[pyclass(subclass, weakref, module = "ferroloop._ferroloop")]
 pub struct Handle {
     pub callback: Option<Py<PyAny>>,
     pub args: Option<Py<PyTuple>>,
@@ -28,16 +32,23 @@ pub struct Handle {
     /// Reader/writer handles run again and again; every other handle runs once.
     pub repeat: bool,
     pub cancelled: bool,
-    pub source_traceback: Option<Py<PyAny>>,
-    pub repr: Option<Py<PyAny>>,
     pub is_timer: bool,
-    pub when: f64,
     pub scheduled: bool,
+    /// Debug mode's creation traceback and a cancelled handle's kept repr (None until set).
+    debug: Option<Box<DebugInfo>>,
+}
+
+#[derive(Default)]
+struct DebugInfo {
+    source_traceback: Option<Py<PyAny>>,
+    repr: Option<Py<PyAny>>,
 }
 
 /// A handle that runs at a deadline (`loop.call_at`/`call_later`).
-#[pyclass(extends = Handle, freelist = 4096, module = "ferroloop._ferroloop")]
-pub struct TimerHandle;
+#[pyclass(extends = Handle, frozen, module = "ferroloop._ferroloop")]
+pub struct TimerHandle {
+    when: f64,
+}
 
 impl Handle {
     pub fn new(
@@ -50,13 +61,19 @@ impl Handle {
     ) -> PyResult<Handle> {
         let context = match context {
             Some(c) => c,
-            // SAFETY: PyContext_CopyCurrent returns a new reference or NULL with an error set.
+            // SAFETY: PyContext_CopyCurrent returns a new reference or NULL with an error set;
+            // the copy is a new, tracked Context that only this handle refers to.
             None => unsafe {
-                Bound::from_owned_ptr_or_err(py, ffi::PyContext_CopyCurrent())?.unbind()
+                let copy = Bound::from_owned_ptr_or_err(py, ffi::PyContext_CopyCurrent())?;
+                ffi::PyObject_GC_UnTrack(copy.as_ptr().cast());
+                copy.unbind()
             },
         };
-        let source_traceback = if debug {
-            Some(py::extract_stack(py)?)
+        let debug = if debug {
+            Some(Box::new(DebugInfo {
+                source_traceback: Some(py::extract_stack(py)?),
+                repr: None,
+            }))
         } else {
             None
         };
@@ -67,11 +84,9 @@ impl Handle {
             loop_,
             repeat: false,
             cancelled: false,
-            source_traceback,
-            repr: None,
             is_timer: false,
-            when: 0.0,
             scheduled: false,
+            debug,
         })
     }
 
@@ -91,7 +106,19 @@ impl Handle {
     }
 
     fn take_all(&mut self) -> Released {
-        (self.callback.take(), self.args.take(), self.context.take())
+        let context = self.context.take();
+        if let Some(c) = &context {
+            track_context(c);
+        }
+        (self.callback.take(), self.args.take(), context)
+    }
+
+    /// The context, for code outside the handle (which may keep it: it goes back on the
+    /// collector's lists).
+    fn shared_context(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        let c = self.context.as_ref()?;
+        track_context(c);
+        Some(c.clone_ref(py))
     }
 
     pub fn create(py: Python<'_>, mut h: Handle, when: Option<f64>) -> PyResult<Bound<'_, Handle>> {
@@ -99,8 +126,7 @@ impl Handle {
             None => Bound::new(py, h)?,
             Some(w) => {
                 h.is_timer = true;
-                h.when = w;
-                let init = PyClassInitializer::from(h).add_subclass(TimerHandle);
+                let init = PyClassInitializer::from(h).add_subclass(TimerHandle { when: w });
                 Bound::new(py, init)?.into_super()
             }
         };
@@ -110,6 +136,213 @@ impl Handle {
         unsafe { ffi::PyObject_GC_UnTrack(obj.as_ptr().cast()) };
         Ok(obj)
     }
+}
+
+/// The contextvars context a handle copies for itself (`PyContext_CopyCurrent`, once per
+/// `call_soon`) is kept off the cycle collector's lists while only the handle holds it: a
+/// thread posting callbacks faster than the loop ran them left thousands of fresh contexts
+/// for every young collection to walk (a fifth of `call_soon_threadsafe`'s time). Such a
+/// copy can be in no cycle: it is new, nothing but the handle refers to it, and its
+/// variables were set before it existed, so none of them leads back to it. It goes back on
+/// the lists (`track_context`) as soon as it leaves the handle: when it is handed out
+/// (`get_context`), when the handle runs or is cancelled, and when the handle is freed,
+/// since a context's deallocator expects a tracked object on some Python versions.
+fn track_context(context: &Py<PyAny>) {
+    let p = context.as_ptr();
+    // SAFETY: the caller holds the GIL (handles live and die under it); `p` is a live
+    // object; only an untracked Context (one this module untracked) is tracked again, and
+    // tracking an already tracked object is never attempted (CPython aborts on that).
+    unsafe {
+        if ffi::PyContext_CheckExact(p) != 0 && ffi::PyObject_GC_IsTracked(p) == 0 {
+            ffi::PyObject_GC_Track(p.cast());
+        }
+    }
+}
+
+/// Report a handle's context to the cycle collector (for the loop's `__traverse__`): the
+/// context itself, or, for a copy kept off the collector's lists that the handle alone
+/// holds, what the context refers to, as the handle's own references (the collector
+/// cannot see past an untracked object, and a context variable may lead back to the
+/// loop). Reads the fields of CPython's `PyContext` (`ctx_prev`, `ctx_vars`: the two
+/// object pointers after the object header, the same in every CPython since 3.7), as its
+/// own `tp_traverse` does; no public API gives them without calling Python code.
+pub fn traverse_context(
+    py: Python<'_>,
+    context: &Py<PyAny>,
+    visit: &PyVisit<'_>,
+) -> Result<(), PyTraverseError> {
+    let p = context.as_ptr();
+    // SAFETY: called from tp_traverse with the GIL held; `p` is a live object; only an
+    // exact Context is read as one, and the borrowed pointers are never released.
+    unsafe {
+        if ffi::PyContext_CheckExact(p) == 0 || ffi::PyObject_GC_IsTracked(p) != 0 {
+            return visit.call(context);
+        }
+        if ffi::Py_REFCNT(p) != 1 {
+            // Held elsewhere too (entered on a thread right now): that holder keeps it.
+            return Ok(());
+        }
+        let fields = p
+            .cast::<u8>()
+            .add(std::mem::size_of::<ffi::PyObject>())
+            .cast::<*mut ffi::PyObject>();
+        for i in 0..2 {
+            let field = *fields.add(i);
+            if !field.is_null() {
+                let borrowed =
+                    std::mem::ManuallyDrop::new(Bound::from_owned_ptr(py, field).unbind());
+                visit.call(&*borrowed)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        if let Some(c) = &self.context {
+            track_context(c);
+        }
+    }
+}
+
+/// Handle objects' memory: CPython's allocation without the collector's bookkeeping.
+///
+/// PyO3 makes every class a GC type, and CPython counts each GC object it allocates
+/// towards the next young collection (the count drops again when the object is freed).
+/// Handles are never tracked (see `Handle`), yet a program with many callbacks pending
+/// (a gather of 50,000 tasks queues 50,000 steps at once; 100,000 timers) paid one young
+/// collection per 700 of them, and the older collections those promote: a gather of
+/// 50,000 tasks ran 5 full collections where the same program with asyncio's handles not
+/// counted runs 4. So `Handle` and `TimerHandle` get their own `tp_alloc`/`tp_free`: the
+/// same memory layout as `PyType_GenericAlloc` (a zeroed, untracked GC header before the
+/// object), without the count; and a free list of blocks, as PyO3's `freelist` gave
+/// them, without its lock (these run with the GIL held). Python subclasses of `Handle`
+/// get CPython's own allocator as usual (a type made by `class` sets its own slots).
+/// Only where that layout is known: GIL builds of CPython up to 3.13 (`install` checks).
+mod alloc {
+    use std::cell::UnsafeCell;
+    use std::ffi::c_void;
+
+    use pyo3::ffi;
+    use pyo3::prelude::*;
+    use pyo3::PyTypeInfo;
+
+    /// The GC header CPython puts before a GC object: two words.
+    const GC_HEADER: usize = 2 * std::mem::size_of::<usize>();
+    /// Free blocks kept per class (what PyO3's `freelist = 4096` kept).
+    const FREE_LIST_CAPACITY: usize = 4096;
+
+    struct FreeList(UnsafeCell<Vec<*mut c_void>>);
+    // SAFETY: only touched by tp_alloc/tp_free, which CPython calls with the GIL held (on
+    // the GIL builds this module is compiled for), so never from two threads at once.
+    unsafe impl Sync for FreeList {}
+
+    static HANDLE_BLOCKS: FreeList = FreeList(UnsafeCell::new(Vec::new()));
+    static TIMER_BLOCKS: FreeList = FreeList(UnsafeCell::new(Vec::new()));
+
+    /// The free list of `ty` (one of the two installed types), or None for another type.
+    unsafe fn blocks(ty: *mut ffi::PyTypeObject) -> Option<&'static FreeList> {
+        let py = Python::assume_attached();
+        if std::ptr::eq(ty, super::Handle::type_object_raw(py)) {
+            Some(&HANDLE_BLOCKS)
+        } else if std::ptr::eq(ty, super::TimerHandle::type_object_raw(py)) {
+            Some(&TIMER_BLOCKS)
+        } else {
+            None
+        }
+    }
+
+    unsafe extern "C" fn tp_alloc(
+        ty: *mut ffi::PyTypeObject,
+        nitems: ffi::Py_ssize_t,
+    ) -> *mut ffi::PyObject {
+        let Some(list) = blocks(ty).filter(|_| nitems == 0) else {
+            // A Python subclass that inherited this slot: CPython's allocator.
+            return ffi::PyType_GenericAlloc(ty, nitems);
+        };
+        let size = GC_HEADER + (*ty).tp_basicsize as usize;
+        let mem = match (*list.0.get()).pop() {
+            Some(block) => block,
+            None => {
+                let block = ffi::PyObject_Malloc(size);
+                if block.is_null() {
+                    return ffi::PyErr_NoMemory();
+                }
+                block
+            }
+        };
+        // Zeroed as PyType_GenericAlloc leaves it: an untracked GC header, null fields.
+        std::ptr::write_bytes(mem.cast::<u8>(), 0, size);
+        let obj = mem.cast::<u8>().add(GC_HEADER).cast::<ffi::PyObject>();
+        // Sets the type (and takes a reference to it) and the reference count.
+        ffi::PyObject_Init(obj, ty)
+    }
+
+    unsafe extern "C" fn tp_free(obj: *mut c_void) {
+        let Some(list) = blocks(ffi::Py_TYPE(obj.cast())) else {
+            // A Python subclass that inherited this slot: its objects came from CPython's
+            // allocator (which knows their pre-header).
+            ffi::PyObject_GC_Del(obj);
+            return;
+        };
+        let mem = obj.cast::<u8>().sub(GC_HEADER).cast::<c_void>();
+        let list = &mut *list.0.get();
+        if list.len() < FREE_LIST_CAPACITY {
+            if list.capacity() == 0 {
+                list.reserve_exact(FREE_LIST_CAPACITY);
+            }
+            list.push(mem);
+        } else {
+            ffi::PyObject_Free(mem);
+        }
+    }
+
+    /// Put the allocator on `T`'s type object, before any instance exists.
+    fn install_on<T: PyTypeInfo>(py: Python<'_>) {
+        let ty = T::type_object_raw(py);
+        // SAFETY: a live heap type we made, with the GIL held; no instance exists yet, so
+        // every instance is allocated and freed by the same pair.
+        unsafe {
+            let flags = (*ty).tp_flags;
+            // Py_TPFLAGS_MANAGED_DICT (3.11+) and Py_TPFLAGS_MANAGED_WEAKREF (3.12+, 1 << 3)
+            // add words before the GC header.
+            let preheader = ffi::Py_TPFLAGS_MANAGED_DICT | (1 << 3);
+            // Only the layout computed above: a GC type, fixed size, no managed pre-header.
+            if flags & ffi::Py_TPFLAGS_HAVE_GC == 0 || flags & preheader != 0 {
+                return;
+            }
+            if (*ty).tp_itemsize != 0 {
+                return;
+            }
+            (*ty).tp_alloc = Some(tp_alloc);
+            (*ty).tp_free = Some(tp_free);
+        }
+    }
+
+    pub fn install(py: Python<'_>) {
+        install_on::<super::Handle>(py);
+        install_on::<super::TimerHandle>(py);
+    }
+}
+
+/// Install the handles' allocator (see `alloc`) where CPython's layout is the one it
+/// writes: a GIL build of CPython before 3.14 (elsewhere PyO3's default allocation stays).
+pub fn install(py: Python<'_>) -> PyResult<()> {
+    let sys = py.import("sys")?;
+    let cpython = sys
+        .getattr("implementation")?
+        .getattr("name")?
+        .extract::<String>()?
+        == "cpython";
+    let free_threaded = sys
+        .getattr("abiflags")
+        .map(|f| f.to_string().contains('t'))
+        .unwrap_or(false);
+    if cpython && !free_threaded && py.version_info() < (3, 14) {
+        alloc::install(py);
+    }
+    Ok(())
 }
 
 /// A handle's callback, arguments and context, taken out to be dropped outside any borrow.
@@ -225,7 +458,10 @@ fn cancel_handle(slf: &Bound<'_, Handle>) -> PyResult<()> {
             .is_truthy()?
         {
             let repr = py::handle_repr(slf.as_any())?;
-            slf.borrow_mut().repr = Some(repr);
+            slf.borrow_mut()
+                .debug
+                .get_or_insert_with(Default::default)
+                .repr = Some(repr);
         }
     }
     // Dropped after the borrow ends: their destructors may run Python code.
@@ -246,7 +482,7 @@ impl Handle {
     }
 
     fn get_context(&self, py: Python<'_>) -> Option<Py<PyAny>> {
-        self.context.as_ref().map(|c| c.clone_ref(py))
+        self.shared_context(py)
     }
 
     /// Run the callback now (asyncio's private `Handle._run`).
@@ -288,17 +524,24 @@ impl Handle {
 
     #[getter]
     fn _source_traceback(&self, py: Python<'_>) -> Option<Py<PyAny>> {
-        self.source_traceback.as_ref().map(|c| c.clone_ref(py))
+        let d = self.debug.as_ref()?;
+        d.source_traceback.as_ref().map(|c| c.clone_ref(py))
     }
 
     #[setter(_source_traceback)]
     fn set_source_traceback(&mut self, value: Option<Py<PyAny>>) {
-        self.source_traceback = value;
+        if value.is_none() && self.debug.is_none() {
+            return;
+        }
+        self.debug
+            .get_or_insert_with(Default::default)
+            .source_traceback = value;
     }
 
     #[getter]
     fn _repr(&self, py: Python<'_>) -> Option<Py<PyAny>> {
-        self.repr.as_ref().map(|c| c.clone_ref(py))
+        let d = self.debug.as_ref()?;
+        d.repr.as_ref().map(|c| c.clone_ref(py))
     }
 
     #[getter]
@@ -310,13 +553,13 @@ impl Handle {
 #[pymethods]
 impl TimerHandle {
     /// The absolute time (on `loop.time()`'s clock) the callback is scheduled for.
-    fn when(slf: PyRef<'_, Self>) -> f64 {
-        slf.as_super().when
+    fn when(&self) -> f64 {
+        self.when
     }
 
     #[getter]
-    fn _when(slf: PyRef<'_, Self>) -> f64 {
-        slf.as_super().when
+    fn _when(&self) -> f64 {
+        self.when
     }
 
     #[getter]
@@ -324,8 +567,8 @@ impl TimerHandle {
         slf.as_super().scheduled
     }
 
-    fn __hash__(slf: PyRef<'_, Self>) -> u64 {
-        slf.as_super().when.to_bits()
+    fn __hash__(&self) -> u64 {
+        self.when.to_bits()
     }
 
     fn __richcmp__(
@@ -337,15 +580,16 @@ impl TimerHandle {
         let Ok(other) = other.cast::<TimerHandle>() else {
             return Ok(py.NotImplemented());
         };
+        let (aw, bw) = (slf.get().when, other.get().when);
         let a = slf.as_super().borrow();
         let b = other.as_super().borrow();
         let result = match op {
-            CompareOp::Lt => a.when < b.when,
-            CompareOp::Le => a.when < b.when || a.when == b.when && equal(py, &a, &b)?,
-            CompareOp::Gt => a.when > b.when,
-            CompareOp::Ge => a.when > b.when || a.when == b.when && equal(py, &a, &b)?,
-            CompareOp::Eq => a.when == b.when && equal(py, &a, &b)?,
-            CompareOp::Ne => !(a.when == b.when && equal(py, &a, &b)?),
+            CompareOp::Lt => aw < bw,
+            CompareOp::Le => aw < bw || aw == bw && equal(py, &a, &b)?,
+            CompareOp::Gt => aw > bw,
+            CompareOp::Ge => aw > bw || aw == bw && equal(py, &a, &b)?,
+            CompareOp::Eq => aw == bw && equal(py, &a, &b)?,
+            CompareOp::Ne => !(aw == bw && equal(py, &a, &b)?),
         };
         Ok(result.into_pyobject(py)?.to_owned().into_any().unbind())
     }

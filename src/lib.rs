@@ -21,6 +21,7 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<event_loop::EventLoop>()?;
     m.add_class::<handles::Handle>()?;
     m.add_class::<handles::TimerHandle>()?;
+    handles::install(m.py())?;
     sockets::register(m)?;
     m.add_class::<task::Task>()?;
     m.add_class::<task::TaskIter>()?;
