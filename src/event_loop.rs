@@ -52,6 +52,10 @@ pub struct EventLoop {
     native_tasks: bool,
     slow_callback_duration: f64,
     clock_resolution: f64,
+    /// `loop.time` assigned on the instance (a patched clock), or None.
+    time_override: Option<Py<PyAny>>,
+    /// A Python subclass defines its own `time()` (set by `Loop.__init__`).
+    class_clock: bool,
     reactor: Reactor<Py<Handle>>,
     /// True while the loop thread waits in epoll without the GIL: wake it on a threadsafe call.
     sleeping: bool,
@@ -354,7 +358,7 @@ pub fn call_later<'py>(
     }
     // asyncio's `self.time() + delay`: anything but a float or an int through Python's `+`
     // (a Fraction works, a Decimal or an object with only __float__ is a TypeError there).
-    let now = monotonic();
+    let now = clock(slf)?;
     let when = if delay.is_exact_instance_of::<PyFloat>() || delay.is_exact_instance_of::<PyInt>() {
         now + delay.extract::<f64>()?
     } else {
@@ -362,6 +366,89 @@ pub fn call_later<'py>(
     };
     // asyncio's call_later goes through call_at: its errors name call_at.
     schedule_at(slf, when, callback, args, context, "call_at")
+}
+
+/// `loop.time()` as a built-in method (METH_NOARGS): what `LoopTime` binds to a loop.
+unsafe extern "C" fn native_time(
+    _slf: *mut ffi::PyObject,
+    _noargs: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: PyFloat_FromDouble returns a new reference or NULL with an error set.
+    unsafe { ffi::PyFloat_FromDouble(monotonic()) }
+}
+
+/// The definition behind every bound `loop.time` (`PyCFunction_NewEx` keeps a pointer).
+struct MethodDef(ffi::PyMethodDef);
+// SAFETY: the definition is immutable and its pointers are to static data.
+unsafe impl Sync for MethodDef {}
+
+static NATIVE_TIME_DEF: MethodDef = MethodDef(ffi::PyMethodDef {
+    ml_name: c"time".as_ptr(),
+    ml_meth: ffi::PyMethodDefPointer {
+        PyCFunction: native_time,
+    },
+    ml_flags: ffi::METH_NOARGS,
+    ml_doc: c"The loop's clock: time.monotonic(), unless loop.time was replaced.".as_ptr(),
+});
+
+/// `Loop.time`, the loop's clock: called, `time.monotonic()`. A data descriptor rather than
+/// a method so that `loop.time = clock` (a virtual clock, `mock.patch.object(loop, "time")`)
+/// reaches the native core, which then schedules and runs timers by `self.time()` as
+/// asyncio does (see `clock`); `del loop.time` restores the native clock. On the class it
+/// is itself (callable as `Loop.time(loop)`); on a loop, a bound method of it, or the
+/// clock assigned.
+#[pyclass(frozen, module = "ferroloop._ferroloop")]
+pub struct LoopTime;
+
+#[pymethods]
+impl LoopTime {
+    #[pyo3(signature = (_loop, /))]
+    fn __call__(&self, _loop: &Bound<'_, PyAny>) -> f64 {
+        monotonic()
+    }
+
+    fn __get__(
+        slf: &Bound<'_, Self>,
+        obj: Option<&Bound<'_, PyAny>>,
+        _owner: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let Some(obj) = obj.filter(|o| !o.is_none()) else {
+            return Ok(slf.clone().into_any().unbind());
+        };
+        if let Ok(lp) = obj.cast::<EventLoop>() {
+            if let Some(f) = &lp.borrow().time_override {
+                return Ok(f.clone_ref(py));
+            }
+        }
+        // A built-in method bound to the loop, as a native method's would be. SAFETY: the
+        // definition is static and `obj` live; a new reference or NULL with an error set.
+        let def = &NATIVE_TIME_DEF.0 as *const ffi::PyMethodDef as *mut ffi::PyMethodDef;
+        unsafe {
+            Bound::from_owned_ptr_or_err(
+                py,
+                ffi::PyCFunction_NewEx(def, obj.as_ptr(), std::ptr::null_mut()),
+            )
+            .map(Bound::unbind)
+        }
+    }
+
+    fn __set__(&self, obj: &Bound<'_, EventLoop>, value: Py<PyAny>) {
+        let old = obj.borrow_mut().time_override.replace(value);
+        drop(old); // after the borrow: its last reference may run Python code
+    }
+
+    fn __delete__(&self, obj: &Bound<'_, EventLoop>) -> PyResult<()> {
+        let old = obj.borrow_mut().time_override.take();
+        if old.is_none() {
+            let name = obj.get_type().name()?;
+            return Err(pyo3::exceptions::PyAttributeError::new_err(format!(
+                "'{name}' object has no attribute 'time'"
+            )));
+        }
+        drop(old);
+        Ok(())
+    }
 }
 
 /// `loop.call_at(when, callback, *args, context=None)`: run `callback(*args)` at `when` on
@@ -380,17 +467,46 @@ pub fn call_at<'py>(
     schedule_at(slf, when, callback, args, context, "call_at")
 }
 
+/// The loop's clock: `time.monotonic()`, unless the program replaced `loop.time` (on the
+/// instance, or in a subclass); then `self.time()`, as asyncio reads it everywhere.
+pub fn clock(slf: &Bound<'_, EventLoop>) -> PyResult<f64> {
+    let python = {
+        let s = slf.borrow();
+        s.class_clock || s.time_override.is_some()
+    };
+    if python {
+        let py = slf.py();
+        slf.call_method0(intern!(py, "time"))?.extract()
+    } else {
+        Ok(monotonic())
+    }
+}
+
+/// `self.time()` when the program replaced the clock and timers are scheduled (the turn
+/// reads the clock only then); None means: read `time.monotonic()` inline.
+fn python_clock_now(slf: &Bound<'_, EventLoop>) -> PyResult<Option<f64>> {
+    {
+        let s = slf.borrow();
+        if !(s.class_clock || s.time_override.is_some()) || s.timers.is_empty() {
+            return Ok(None);
+        }
+    }
+    let py = slf.py();
+    Ok(Some(slf.call_method0(intern!(py, "time"))?.extract()?))
+}
+
 /// One loop turn (asyncio's `_run_once`): poll, collect ready I/O and due timers, then run
 /// exactly the handles that were ready at that point.
 fn run_once(slf: &Bound<'_, EventLoop>) -> PyResult<()> {
     let py = slf.py();
+    let now = python_clock_now(slf)?;
     let (timeout_ms, removed) = {
         let mut s = slf.borrow_mut();
         let removed = (!s.timers.is_empty()).then(|| s.purge_cancelled_timers(py));
         let timeout_ms: i32 = if !s.ready.is_empty() || s.stopping {
             0
         } else if let Some((when, _)) = s.timers.peek() {
-            let t = (when - monotonic()).clamp(0.0, MAXIMUM_SELECT_TIMEOUT);
+            let t = (when - now.unwrap_or_else(monotonic)).clamp(0.0, MAXIMUM_SELECT_TIMEOUT);
             // selectors round up to the millisecond, so timers never fire early.
             (t * 1e3).ceil() as i32
         } else {
@@ -405,11 +521,12 @@ fn run_once(slf: &Bound<'_, EventLoop>) -> PyResult<()> {
     if timeout_ms != 0 || slf.borrow().reactor.has_registrations() {
         poll(slf, timeout_ms)?;
     }
+    let now = python_clock_now(slf)?;
     let (ntodo, debug) = {
         let mut s = slf.borrow_mut();
         let s = &mut *s;
         if !s.timers.is_empty() {
-            let end_time = monotonic() + s.clock_resolution;
+            let end_time = now.unwrap_or_else(monotonic) + s.clock_resolution;
             while let Some((when, _)) = s.timers.peek() {
                 if when >= end_time {
                     break;
@@ -518,9 +635,9 @@ fn poll(slf: &Bound<'_, EventLoop>, timeout_ms: i32) -> PyResult<()> {
 fn run_debug(slf: &Bound<'_, EventLoop>, h: &Bound<'_, Handle>) -> PyResult<RunOutcome> {
     let py = slf.py();
     slf.setattr(intern!(py, "_current_handle"), h)?;
-    let t0 = monotonic();
+    let t0 = clock(slf)?;
     let outcome = run_handle(py, h, Some(slf.as_any()), true);
-    let dt = monotonic() - t0;
+    let dt = clock(slf)? - t0;
     slf.setattr(intern!(py, "_current_handle"), py.None())?;
     let outcome = outcome?;
     if matches!(outcome, RunOutcome::Done) && dt >= slf.borrow().slow_callback_duration {
@@ -589,12 +706,16 @@ impl EventLoop {
                 traverse_handle(py, h, &visit)?;
             }
         }
+        if let Some(f) = &self.time_override {
+            visit.call(f)?;
+        }
         Ok(())
     }
 
     /// Break the cycles `__traverse__` reported: drop the queued jobs, the timers and the
     /// registrations (the collector frees an unreachable loop; its fds close on drop).
     fn __clear__(&mut self) {
+        self.time_override = None;
         self.ready.clear();
         self.timers.drain().for_each(drop);
         self.timer_cancelled_count = 0;
@@ -615,6 +736,8 @@ impl EventLoop {
             native_tasks: false,
             slow_callback_duration: 0.1,
             clock_resolution: monotonic_resolution(),
+            time_override: None,
+            class_clock: false,
             reactor: Reactor::new().map_err(os_error)?,
             sleeping: false,
             events: Vec::new(),
@@ -623,9 +746,15 @@ impl EventLoop {
         })
     }
 
-    /// `time.monotonic()`: the loop's clock.
-    fn time(&self) -> f64 {
-        monotonic()
+    /// `loop.time`: see `LoopTime`.
+    #[classattr]
+    fn time() -> LoopTime {
+        LoopTime
+    }
+
+    /// A Python subclass with its own `time()`: the loop schedules by it (`Loop.__init__`).
+    fn _use_class_clock(&mut self) {
+        self.class_clock = true;
     }
 
     /// `loop.create_future()`: asyncio's own Future, bound to this loop (asyncio's method,

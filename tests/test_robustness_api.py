@@ -6,7 +6,7 @@ import fractions
 import types
 
 import pytest
-from parity_helpers import run_briefly
+from parity_helpers import new_loop, run_briefly
 
 
 def noop(*args):
@@ -142,24 +142,11 @@ def test_a_bare_yield_of_another_future_is_yield_instead_of_yield_from(loop):
         loop.run_until_complete(yields_a_future())
 
 
-# A replaced loop.time() (virtual clocks in test tools patch it): asyncio schedules every
-# timer by self.time(); ferroloop's native core reads the monotonic clock. Known, not fixed
-# here: the fix belongs in the core's turn (src/event_loop.rs) and costs a lookup per timer.
+# A replaced loop.time() (virtual clocks in test tools patch it, mock.patch.object(loop,
+# "time") in test suites): asyncio schedules every timer by self.time(), and so does
+# ferroloop's native core once the clock is replaced (src/event_loop.rs, `clock`).
 
 
-@pytest.fixture
-def xfail_on_ferroloop(request, loop_kind):
-    if loop_kind == "ferroloop":
-        request.node.add_marker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="the native core schedules by time.monotonic(), not a replaced "
-                "loop.time() (src/event_loop.rs)",
-            )
-        )
-
-
-@pytest.mark.usefixtures("xfail_on_ferroloop")
 def test_timers_follow_a_patched_loop_time(loop):
     ran = []
     real_time = loop.time
@@ -172,7 +159,6 @@ def test_timers_follow_a_patched_loop_time(loop):
     assert ran == ["due on the patched clock"]
 
 
-@pytest.mark.usefixtures("xfail_on_ferroloop")
 def test_call_later_counts_from_a_patched_loop_time(loop):
     real_time = loop.time
     loop.time = lambda: real_time() + 500.0
@@ -203,3 +189,77 @@ def test_call_later_goes_through_a_subclass_call_at(loop):
             sub.call_later(None, noop)
     finally:
         sub.close()
+
+
+def test_a_subclass_clock_drives_the_timers(loop_kind):
+    probe = new_loop(loop_kind)
+    base = type(probe)
+    probe.close()
+    offset = [0.0]
+
+    class ShiftedClock(base):
+        def time(self):
+            return super().time() + offset[0]
+
+    lp = ShiftedClock()
+    try:
+        ran = []
+        handle = lp.call_later(100, ran.append, "due on the subclass clock")
+        assert round(handle.when() - base.time(lp)) == 100
+        offset[0] = 1000.0
+        lp.call_later(0.05, lp.stop)
+        lp.run_forever()
+        assert ran == ["due on the subclass clock"]
+    finally:
+        lp.close()
+
+
+def test_patching_loop_time_with_mock_and_restoring_it(loop):
+    from unittest import mock
+
+    real = loop.time()
+    with mock.patch.object(loop, "time", return_value=real + 3600.0):
+        assert loop.time() == real + 3600.0
+        handle = loop.call_later(1, noop)
+        assert handle.when() == real + 3601.0
+        handle.cancel()
+    # mock.patch.object deletes what it set: the loop's own clock is back.
+    assert abs(loop.time() - real) < 60
+    assert abs(loop.call_later(1, noop).when() - (loop.time() + 1)) < 60
+
+
+def test_deleting_a_patched_time_restores_the_clock(loop):
+    loop.time = lambda: 5.0
+    assert loop.call_later(1, noop).when() == 6.0
+    del loop.time
+    assert loop.time() > 0 and loop.time() != 5.0
+    assert loop.time.__self__ is loop
+
+
+def test_asyncio_timeout_reads_the_patched_clock(loop):
+    # asyncio.wait_for / timeout compute deadlines with loop.time(): with the clock jumped
+    # forward, a long timeout expires at the next turn on both loops.
+    real_time = loop.time
+    offset = [0.0]
+    loop.time = lambda: real_time() + offset[0]
+
+    async def main():
+        async def jump():
+            await asyncio.sleep(0)
+            offset[0] = 10_000.0
+
+        loop.create_task(jump())
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.sleep(5000), 3000)
+
+    loop.run_until_complete(main())
+
+
+def test_a_clock_that_raises_reaches_the_caller(loop):
+    def broken():
+        raise ZeroDivisionError("clock")
+
+    loop.time = broken
+    with pytest.raises(ZeroDivisionError):
+        loop.call_later(1, noop)
+    del loop.time

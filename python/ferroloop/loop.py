@@ -13,6 +13,7 @@ runs are ``nested.py``'s.
 """
 
 import collections.abc
+import inspect
 import ipaddress
 import os
 import selectors
@@ -104,6 +105,8 @@ class Loop(_NativeLoop, unix_events.SelectorEventLoop, metaclass=_nested.LoopTyp
     # Nested runs (nested.py): ferroloop.allow_nested(loop) sets this on a loop; the
     # metaclass makes nest_asyncio's patch of the class work on the native core.
     _nested_runs = False
+    # A subclass defines its own time() (see __init_subclass__).
+    _class_clock = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -112,10 +115,15 @@ class Loop(_NativeLoop, unix_events.SelectorEventLoop, metaclass=_nested.LoopTyp
         # call_later, so that its timers go through it too. Loop itself keeps the native one.
         if cls.call_at is not _NativeLoop.call_at and cls.call_later is _NativeLoop.call_later:
             cls.call_later = base_events.BaseEventLoop.call_later
+        # asyncio reads its clock through self.time(): a subclass with its own time() (a
+        # virtual clock) has the native core schedule and run timers by it too.
+        cls._class_clock = inspect.getattr_static(cls, "time") is not _NativeLoop.__dict__["time"]
 
     def __init__(self, *, native_tasks=None):
         # asyncio's own constructor chain sets every attribute its methods (and CPython's
         # tests) read, for this Python version; the native core owns the queues.
+        if self._class_clock:
+            self._use_class_clock()
         super().__init__(selector=EpollReactor(self))
         self.native_tasks = default_native_tasks() if native_tasks is None else native_tasks
 
