@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import socket
 
 import pytest
 
@@ -84,3 +85,37 @@ async def turns(n=5):
     """Let the loop run a few turns."""
     for _ in range(n):
         await asyncio.sleep(0)
+
+
+class StreamRecorder(asyncio.Protocol):
+    """A stream protocol recording what it receives and how the connection ended."""
+
+    def __init__(self):
+        self.transport = None
+        self.events = []
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.events.append(("data", data))
+
+    def connection_lost(self, exc):
+        self.events.append(("lost", type(exc).__name__))
+
+
+def connect_pair(loop, protocol_factory=StreamRecorder):
+    """A stream transport over one end of a socketpair: (transport, protocol, other end)."""
+    a, b = socket.socketpair()
+    b.setblocking(False)
+
+    async def make():
+        return await loop.create_connection(protocol_factory, sock=a)
+
+    transport, protocol = run(loop, make())
+    return transport, protocol, b
+
+
+def spin(loop, seconds=0.05):
+    """Let the loop run for a while (I/O and callbacks settle)."""
+    run(loop, asyncio.sleep(seconds))

@@ -8,40 +8,15 @@ code may call the transport freely, so it must work on the native cores too.
 import asyncio
 import gc
 import os
-import socket
 
 import pytest
-from parity_helpers import run, run_briefly
+from parity_helpers import StreamRecorder, connect_pair, run, run_briefly, spin
 
-
-class Recorder(asyncio.Protocol):
-    def __init__(self):
-        self.transport = None
-        self.events = []
-
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def data_received(self, data):
-        self.events.append(("data", data))
-
-    def connection_lost(self, exc):
-        self.events.append(("lost", type(exc).__name__))
+Recorder = StreamRecorder
 
 
 def connect(loop, protocol_factory=Recorder):
-    a, b = socket.socketpair()
-    b.setblocking(False)
-
-    async def make():
-        return await loop.create_connection(protocol_factory, sock=a)
-
-    transport, protocol = run(loop, make())
-    return transport, protocol, b
-
-
-def spin(loop, seconds=0.05):
-    run(loop, asyncio.sleep(seconds))
+    return connect_pair(loop, protocol_factory)
 
 
 def calls_on_del(results, action, base=asyncio.Protocol):

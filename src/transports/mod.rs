@@ -226,6 +226,31 @@ pub fn is_exit(py: Python<'_>, err: &PyErr) -> bool {
     err.is_instance_of::<PyKeyboardInterrupt>(py) || err.is_instance_of::<PySystemExit>(py)
 }
 
+/// asyncio's `transport._fatal_error(exc, message)` (which logs or calls the exception
+/// handler, then force-closes), called while `exc` is the exception being handled, as
+/// asyncio calls it from its `except` block.
+pub fn call_fatal_error(
+    transport: &Bound<'_, PyAny>,
+    exc: &Bound<'_, PyAny>,
+    message: &str,
+) -> PyResult<()> {
+    let py = transport.py();
+    crate::py::while_handling(exc, || {
+        transport.call_method1(pyo3::intern!(py, "_fatal_error"), (exc, message))
+    })?;
+    Ok(())
+}
+
+/// The same for an error caught in Rust; KeyboardInterrupt/SystemExit propagate instead.
+pub fn fatal_error(transport: &Bound<'_, PyAny>, err: PyErr, message: &str) -> PyResult<()> {
+    let py = transport.py();
+    if is_exit(py, &err) {
+        return Err(err);
+    }
+    let exc = err.into_value(py).into_bound(py).into_any();
+    call_fatal_error(transport, &exc, message)
+}
+
 static LOGGER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 static BUFFERED_PROTOCOL: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 

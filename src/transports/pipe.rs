@@ -19,7 +19,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use pyo3::{PyTraverseError, PyVisit};
 
-use super::{is_exit, replace_field, would_block, ByteView};
+use super::{replace_field, would_block, ByteView};
 use crate::errors::os_error;
 
 /// `os.read(fd, max_size)` through the thread's reusable buffer (EINTR retried, as `os.read`).
@@ -47,16 +47,7 @@ fn write_fd(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
 
 /// `transport._fatal_error(exc, message)`; KeyboardInterrupt/SystemExit propagate.
 fn fatal_error(py: Python<'_>, transport: &Py<PyAny>, err: PyErr, message: &str) -> PyResult<()> {
-    if is_exit(py, &err) {
-        return Err(err);
-    }
-    let exc = err.into_value(py).into_bound(py).into_any();
-    crate::py::while_handling(&exc, || {
-        transport
-            .bind(py)
-            .call_method1(intern!(py, "_fatal_error"), (&exc, message))
-    })?;
-    Ok(())
+    super::fatal_error(transport.bind(py), err, message)
 }
 
 #[pyclass(module = "ferroloop._ferroloop")]

@@ -153,11 +153,8 @@ fn debug_log(slf: &Bound<'_, StreamCore>, fmt: &str) -> PyResult<()> {
 /// asyncio's `self._fatal_error(exc, message)`, through the Python transport (which logs or
 /// calls the exception handler, then force-closes). KeyboardInterrupt/SystemExit propagate.
 fn fatal_error(slf: &Bound<'_, StreamCore>, err: PyErr, message: &str) -> PyResult<()> {
-    let py = slf.py();
-    if is_exit(py, &err) {
-        return Err(err);
-    }
-    fatal_error_value(slf, err.into_value(py).into_bound(py).into_any(), message)
+    let transport = slf.borrow().transport.clone_ref(slf.py());
+    super::fatal_error(transport.bind(slf.py()), err, message)
 }
 
 fn fatal_error_value(
@@ -165,14 +162,8 @@ fn fatal_error_value(
     exc: Bound<'_, PyAny>,
     message: &str,
 ) -> PyResult<()> {
-    let py = slf.py();
-    let transport = slf.borrow().transport.clone_ref(py);
-    crate::py::while_handling(&exc.clone(), || {
-        transport
-            .bind(py)
-            .call_method1(intern!(py, "_fatal_error"), (exc, message))
-    })?;
-    Ok(())
+    let transport = slf.borrow().transport.clone_ref(slf.py());
+    super::call_fatal_error(transport.bind(slf.py()), &exc, message)
 }
 
 /// `loop.call_exception_handler({...})` for a failing pause_writing/resume_writing.

@@ -21,7 +21,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 use pyo3::{PyTraverseError, PyVisit};
 
-use super::{is_exit, replace_field, send, would_block, ByteView};
+use super::{replace_field, send, would_block, ByteView};
 use crate::errors::os_error;
 
 /// A raw socket address as `recvfrom` filled it in.
@@ -220,18 +220,8 @@ fn error_received(protocol: &Bound<'_, PyAny>, err: PyErr) -> PyResult<()> {
 }
 
 fn fatal_error(slf: &Bound<'_, DatagramCore>, err: PyErr, message: &str) -> PyResult<()> {
-    let py = slf.py();
-    if is_exit(py, &err) {
-        return Err(err);
-    }
-    let transport = slf.borrow().transport.clone_ref(py);
-    let exc = err.into_value(py).into_bound(py).into_any();
-    crate::py::while_handling(&exc, || {
-        transport
-            .bind(py)
-            .call_method1(intern!(py, "_fatal_error"), (&exc, message))
-    })?;
-    Ok(())
+    let transport = slf.borrow().transport.clone_ref(slf.py());
+    super::fatal_error(transport.bind(slf.py()), err, message)
 }
 
 fn read_ready(slf: &Bound<'_, DatagramCore>) -> PyResult<()> {
