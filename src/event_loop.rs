@@ -13,6 +13,7 @@ use crate::errors::{loop_closed, os_error};
 use crate::handles::{run_handle, Handle, RunOutcome};
 use crate::py;
 use crate::reactor::{EventBuf, Reactor, Ready};
+use crate::sockets::SockReady;
 use crate::task::{self, Task};
 use crate::timers::{monotonic, monotonic_resolution, TimerHeap};
 
@@ -267,6 +268,9 @@ fn set_io<'py>(
         s.debug
     };
     let fd = py::fileobj_to_fd(fd)?;
+    // A `sock_*` wait's reader (writer) wants one event, then is removed: registered
+    // one-shot, so that its removal needs no epoll_ctl (see `reactor::Registration`).
+    let oneshot = callback.is_exact_instance_of::<SockReady>();
     // asyncio's _add_reader checks nothing about the callback.
     let pre = Prechecked {
         debug,
@@ -277,7 +281,7 @@ fn set_io<'py>(
     let old = slf
         .borrow_mut()
         .reactor
-        .set(fd, write, h.clone().unbind())
+        .set(fd, write, h.clone().unbind(), oneshot)
         .map_err(os_error)?;
     if let Some(old) = old {
         old.bind(slf.py())
@@ -299,6 +303,12 @@ fn unset_io(slf: &Bound<'_, EventLoop>, fd: &Bound<'_, PyAny>, write: bool) -> P
         }
         None => Ok(false),
     }
+}
+
+/// A `sock_*` wait's one-shot reader (writer) that was called but must wait for another
+/// event (see `set_io`).
+pub(crate) fn rearm_waiter(slf: &Bound<'_, EventLoop>, fd: i32, write: bool) {
+    slf.borrow_mut().reactor.rearm(fd, write);
 }
 
 /// `loop.call_soon(callback, *args, context=None)`: run `callback(*args)` in the next turn
@@ -442,6 +452,7 @@ fn poll(slf: &Bound<'_, EventLoop>, timeout_ms: i32) -> PyResult<()> {
         if s.reactor.is_closed() {
             return Err(loop_closed());
         }
+        s.reactor.rearm_fired();
         s.sleeping = timeout_ms != 0;
         let buf = s.buf.take().unwrap_or_default();
         let events = std::mem::take(&mut s.events);
@@ -461,27 +472,21 @@ fn poll(slf: &Bound<'_, EventLoop>, timeout_ms: i32) -> PyResult<()> {
         s.buf = Some(buf);
         let mut stale = Vec::new();
         for ev in events.drain(..) {
-            let Some(reg) = s.reactor.get(ev.fd) else {
-                continue;
-            };
             let mut cancelled_reader = false;
             let mut cancelled_writer = false;
-            if ev.read {
-                if let Some(r) = &reg.reader {
-                    if r.borrow(py).cancelled {
-                        cancelled_reader = true;
-                    } else {
-                        s.ready.push_back(Job::Handle(r.clone_ref(py)));
-                    }
+            let (reader, writer) = s.reactor.fire(ev);
+            if let Some(r) = reader {
+                if r.borrow(py).cancelled {
+                    cancelled_reader = true;
+                } else {
+                    s.ready.push_back(Job::Handle(r.clone_ref(py)));
                 }
             }
-            if ev.write {
-                if let Some(w) = &reg.writer {
-                    if w.borrow(py).cancelled {
-                        cancelled_writer = true;
-                    } else {
-                        s.ready.push_back(Job::Handle(w.clone_ref(py)));
-                    }
+            if let Some(w) = writer {
+                if w.borrow(py).cancelled {
+                    cancelled_writer = true;
+                } else {
+                    s.ready.push_back(Job::Handle(w.clone_ref(py)));
                 }
             }
             if cancelled_reader {

@@ -36,6 +36,7 @@ use pyo3::types::{PyBytes, PyString, PyTuple, PyType};
 use pyo3::PyTraverseError;
 
 use crate::errors::os_error;
+use crate::event_loop::{self, EventLoop};
 use crate::transports::{self, ByteView};
 
 mod ipaddr;
@@ -439,10 +440,17 @@ impl SockCoro {
         let write = matches!(self.kind, Kind::SendAll | Kind::SendTo | Kind::Connect);
         let fut = loop_.call_method0(intern!(py, "create_future"))?;
         ensure_fd_no_transport(loop_, fd)?;
+        // The native loop registers a SockReady as a one-shot waiter (see
+        // `reactor::Registration`): its event disarms it, so no epoll_ctl removes it.
+        let waiter = loop_
+            .cast::<EventLoop>()
+            .ok()
+            .map(|l| (l.clone().unbind(), fd, write));
         let ready = SockReady {
             fut: Some(fut.clone().unbind()),
             sock: Some(sock.clone().unbind()),
             pending,
+            waiter,
         };
         let handle = if write {
             loop_.call_method1(intern!(py, "_add_writer"), (fd, ready))?
@@ -665,6 +673,19 @@ pub struct SockReady {
     fut: Option<Py<PyAny>>,
     sock: Option<Py<PyAny>>,
     pending: Pending,
+    /// The native loop's registration (loop, fd, write): a one-shot waiter, re-armed when
+    /// called too early.
+    waiter: Option<(Py<EventLoop>, i32, bool)>,
+}
+
+impl SockReady {
+    /// Not done after this event (the socket was not ready after all, or a send was
+    /// partial): a one-shot waiter asks for another event, as a level-triggered one gets.
+    fn wait_more(&self, py: Python<'_>) {
+        if let Some((l, fd, write)) = &self.waiter {
+            event_loop::rearm_waiter(l.bind(py), *fd, *write);
+        }
+    }
 }
 
 #[pymethods]
@@ -675,6 +696,9 @@ impl SockReady {
         }
         if let Some(s) = &self.sock {
             visit.call(s)?;
+        }
+        if let Some((l, _, _)) = &self.waiter {
+            visit.call(l)?;
         }
         match &self.pending {
             Pending::RecvInto(b) => visit.call(b)?,
@@ -688,6 +712,7 @@ impl SockReady {
     fn __clear__(&mut self) {
         self.fut = None;
         self.sock = None;
+        self.waiter = None;
     }
 
     fn __call__(&mut self, py: Python<'_>) -> PyResult<()> {
@@ -704,7 +729,7 @@ impl SockReady {
                 Ok(Some(v)) => {
                     fut.call_method1(intern!(py, "set_result"), (v,))?;
                 }
-                Ok(None) => {}
+                Ok(None) => self.wait_more(py),
                 Err(e) if is_exit(py, &e) => return Err(e),
                 Err(e) => {
                     fut.call_method1(intern!(py, "set_exception"), (e.into_value(py),))?;
@@ -719,7 +744,10 @@ impl SockReady {
                 }
                 Err(e)
                     if e.is_instance_of::<pyo3::exceptions::PyBlockingIOError>(py)
-                        || e.is_instance_of::<pyo3::exceptions::PyInterruptedError>(py) => {}
+                        || e.is_instance_of::<pyo3::exceptions::PyInterruptedError>(py) =>
+                {
+                    self.wait_more(py)
+                }
                 Err(e) if is_exit(py, &e) => return Err(e),
                 Err(e) => {
                     fut.call_method1(intern!(py, "set_exception"), (e.into_value(py),))?;
@@ -761,7 +789,7 @@ impl SockReady {
             Ok(Some(v)) => {
                 fut.call_method1(intern!(py, "set_result"), (v,))?;
             }
-            Ok(None) => {}
+            Ok(None) => self.wait_more(py),
             Err(e) if is_exit(py, &e) => return Err(e),
             // asyncio hands every other error to the future.
             Err(e) => {
