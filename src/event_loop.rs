@@ -447,28 +447,42 @@ fn run_once(slf: &Bound<'_, EventLoop>) -> PyResult<()> {
 /// writers (asyncio's `_process_events`).
 fn poll(slf: &Bound<'_, EventLoop>, timeout_ms: i32) -> PyResult<()> {
     let py = slf.py();
+    let peek;
     let (epfd, waker, mut buf, mut events) = {
         let mut s = slf.borrow_mut();
         if s.reactor.is_closed() {
             return Err(loop_closed());
         }
         s.reactor.rearm_fired();
+        peek = timeout_ms == 0 || s.reactor.peek_first();
         s.sleeping = timeout_ms != 0;
         let buf = s.buf.take().unwrap_or_default();
         let events = std::mem::take(&mut s.events);
         (s.reactor.epfd(), s.reactor.waker_fd(), buf, events)
     };
     events.clear();
-    let polled = if timeout_ms == 0 {
+    // A loop about to sleep often finds events ready at once (a busy loop): looking with
+    // the GIL held first (`peek`) saves releasing and retaking it. The reactor stops
+    // peeking for a while when a peek finds nothing (an idle loop would pay a syscall).
+    let mut polled = if peek {
         Reactor::<Py<Handle>>::poll(epfd, waker, &mut buf, 0, &mut events)
     } else {
-        // Sleep without the GIL so other threads run (and may wake us).
-        py.detach(|| Reactor::<Py<Handle>>::poll(epfd, waker, &mut buf, timeout_ms, &mut events))
+        Ok(0)
     };
+    let peeked = timeout_ms != 0 && peek;
+    let peek_found = !matches!(polled, Ok(0));
+    if timeout_ms != 0 && !peek_found {
+        // Sleep without the GIL so other threads run (and may wake us).
+        polled = py
+            .detach(|| Reactor::<Py<Handle>>::poll(epfd, waker, &mut buf, timeout_ms, &mut events));
+    }
     let stale = {
         let mut s = slf.borrow_mut();
         let s = &mut *s;
         s.sleeping = false;
+        if peeked {
+            s.reactor.peeked(peek_found);
+        }
         s.buf = Some(buf);
         let mut stale = Vec::new();
         for ev in events.drain(..) {
@@ -501,7 +515,7 @@ fn poll(slf: &Bound<'_, EventLoop>, timeout_ms: i32) -> PyResult<()> {
     };
     drop(stale);
     match polled {
-        Ok(()) => Ok(()),
+        Ok(_) => Ok(()),
         // A signal arrived: run Python's handlers (KeyboardInterrupt surfaces here).
         Err(e) if e.raw_os_error() == Some(libc::EINTR) => py.check_signals(),
         Err(e) => Err(os_error(e)),

@@ -140,7 +140,14 @@ pub struct Reactor<T> {
     /// Fds whose one-shot registration fired while another side still waits: re-armed
     /// before the next poll (EPOLLONESHOT disarms every side of the fd at once).
     fired: Vec<RawFd>,
+    /// Sleeping polls left that skip the look for ready events with the GIL held
+    /// (`peek_first`).
+    peek_skip: u32,
 }
+
+/// After a peek that found nothing, this many sleeping polls go straight to sleep: an idle
+/// loop pays the extra syscall on one sleep in this many.
+const PEEK_BACKOFF: u32 = 16;
 
 type FdSet = std::collections::HashSet<RawFd, BuildHasherDefault<FdHasher>>;
 
@@ -219,6 +226,7 @@ impl<T> Reactor<T> {
             regs: FdMap::default(),
             parked: FdSet::default(),
             fired: Vec::new(),
+            peek_skip: 0,
         };
         let mut ev = libc::epoll_event {
             events: libc::EPOLLIN as u32,
@@ -373,15 +381,33 @@ impl<T> Reactor<T> {
         }
     }
 
+    /// Whether a poll that may sleep should first look for ready events without sleeping
+    /// (with the GIL held: when there are some, the GIL is not released and retaken).
+    pub fn peek_first(&mut self) -> bool {
+        if self.peek_skip == 0 {
+            return true;
+        }
+        self.peek_skip -= 1;
+        false
+    }
+
+    /// What the look of `peek_first` found: nothing backs off for a while.
+    pub fn peeked(&mut self, found: bool) {
+        if !found {
+            self.peek_skip = PEEK_BACKOFF;
+        }
+    }
+
     /// Wait for readiness. `timeout_ms < 0` waits forever. Returns the ready fds; the waker
-    /// is drained and not reported.
+    /// is drained and not reported. The result is the number of epoll events (the waker's
+    /// included): 0 when the wait timed out.
     pub fn poll(
         epfd: RawFd,
         waker: RawFd,
         buf: &mut EventBuf,
         timeout_ms: i32,
         out: &mut Vec<Ready>,
-    ) -> io::Result<()> {
+    ) -> io::Result<usize> {
         // SAFETY: the buffer is valid for buf.0.len() events and outlives the call.
         let n = cvt(unsafe {
             libc::epoll_wait(
@@ -411,7 +437,7 @@ impl<T> Reactor<T> {
             // A full buffer: grow it so a busy turn sees every fd.
             buf.0.resize(n * 2, libc::epoll_event { events: 0, u64: 0 });
         }
-        Ok(())
+        Ok(n)
     }
 
     /// Wake a poll in progress (safe from any thread: a write to the eventfd).
