@@ -104,8 +104,8 @@ pub fn read_through_buffer<'py>(
     })
 }
 
-/// Reads this large are read through the thread's buffer only once glibc's malloc
-/// thresholds are raised (`raise_malloc_thresholds`); it is glibc's default mmap threshold.
+/// A read asking for this much (glibc's default mmap threshold) or more first raises
+/// glibc's malloc thresholds (`raise_malloc_thresholds`), once per thread.
 const LARGE_READ: usize = 128 * 1024;
 
 /// Large messages (~100 KiB `bytes` made and freed per read) at glibc's default thresholds
