@@ -85,9 +85,6 @@ pub fn read_through_buffer<'py>(
     BUFFER.with(|cell| {
         let mut buf = cell.borrow_mut();
         if buf.len() < max_size {
-            if max_size >= LARGE_READ && buf.len() < LARGE_READ {
-                raise_malloc_thresholds();
-            }
             buf.resize(max_size, 0);
         }
         let n = loop {
@@ -100,22 +97,32 @@ pub fn read_through_buffer<'py>(
                 return Err(err);
             }
         };
+        if n >= LARGE_MESSAGE {
+            raise_malloc_thresholds();
+        }
         Ok(PyBytes::new(py, &buf[..n]))
     })
 }
 
-/// A read asking for this much (glibc's default mmap threshold) or more first raises
-/// glibc's malloc thresholds (`raise_malloc_thresholds`), once per thread.
-const LARGE_READ: usize = 128 * 1024;
+/// A read that returns this much or more means large messages: see
+/// `raise_malloc_thresholds`.
+const LARGE_MESSAGE: usize = 64 * 1024;
 
-/// Large messages (~100 KiB `bytes` made and freed per read) at glibc's default thresholds
-/// make malloc give the heap's top back to the kernel (brk) and take it again, page faults
-/// included, over and over: in a 100 KiB echo over 10 connections, 17 page faults per round
-/// trip. asyncio's own read path (a new 256 KiB `bytes` per read) ends up raising glibc's
-/// dynamic thresholds, which the reusable buffer avoided. Freeing one mmapped block raises
-/// them (the mmap threshold to its size, the trim threshold to twice that) the way glibc
-/// intends, once per thread that makes large reads; it touches no page.
+thread_local! {
+    static THRESHOLDS_RAISED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Large messages (a ~100 KiB `bytes` made and freed per read) at glibc's default malloc
+/// thresholds make malloc give the heap's top back to the kernel (brk) and take it again,
+/// page faults included, over and over: 17 page faults per round trip in a 100 KiB echo over
+/// 10 connections. Freeing one mmapped block raises glibc's dynamic thresholds (the mmap
+/// threshold to the block's size, the trim threshold to twice that), the mechanism glibc
+/// has for programs that handle large blocks; done once per thread that reads large
+/// messages, and it touches no page. (Nothing changes for a program whose reads stay small.)
 fn raise_malloc_thresholds() {
+    if THRESHOLDS_RAISED.with(|r| r.replace(true)) {
+        return;
+    }
     let block: Vec<u8> = Vec::with_capacity(RAISED_MMAP_THRESHOLD);
     drop(std::hint::black_box(block));
 }
