@@ -9,6 +9,7 @@ another wait), readers and writers sharing an fd, a waiter woken for nothing, th
 """
 
 import asyncio
+import errno
 import os
 import selectors
 import socket
@@ -204,23 +205,21 @@ def test_closed_then_add_reader_on_the_dead_fd_number(loop):
         await turns()
         fd = a.fileno()
         a.close()
-        try:
+        with pytest.raises(OSError) as info:
             loop.add_reader(fd, lambda: None)
-        except OSError as e:
-            err = e.errno
-        else:
-            err = None
-            loop.remove_reader(fd)
+        assert info.value.errno == errno.EBADF
+        assert not loop.remove_reader(fd)
+        with pytest.raises(KeyError):
+            loop._selector.get_key(fd)
         b.close()
-        return err
 
-    assert run(loop, main()) in (None, __import__("errno").EBADF)
+    run(loop, main())
 
 
 def test_bad_fd_errors(loop):
     with pytest.raises(OSError) as info:
         loop.add_reader(987654, lambda: None)
-    assert info.value.errno == __import__("errno").EBADF
+    assert info.value.errno == errno.EBADF
     assert not loop.remove_reader(987654)
 
 
