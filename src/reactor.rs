@@ -82,7 +82,7 @@ pub struct Registration<T> {
 }
 
 impl<T> Registration<T> {
-    fn new(write: bool, item: T, oneshot: bool, in_epoll: bool) -> Self {
+    fn new(write: bool, item: T, oneshot: bool) -> Self {
         let (reader, writer) = if write {
             (None, Some(item))
         } else {
@@ -94,7 +94,7 @@ impl<T> Registration<T> {
             oneshot: if oneshot { side(write) } else { 0 },
             spent: 0,
             armed: 0,
-            in_epoll,
+            in_epoll: false,
         }
     }
 
@@ -130,13 +130,15 @@ impl<T> Registration<T> {
 pub struct Reactor<T> {
     epfd: RawFd,
     waker: RawFd,
+    /// The registrations, and the parked fds: entries with no reader or writer whose epoll
+    /// entry was left in place, disarmed by its one-shot event (so it can never report
+    /// anything). The next registration of a parked fd re-arms its entry with
+    /// EPOLL_CTL_MOD instead of an ADD after a DEL. The fd may have been closed since (the
+    /// kernel then dropped the entry, or keeps it disarmed while a dup lives) and its number
+    /// reused: MOD then fails with ENOENT and the registration falls back to ADD.
     regs: FdMap<Registration<T>>,
-    /// Fds with nothing registered whose epoll entry was left in place, disarmed by its
-    /// one-shot event (so it can never report anything): the next registration re-arms it
-    /// with EPOLL_CTL_MOD instead of an ADD after a DEL. The fd may have been closed since
-    /// (the kernel then dropped the entry, or keeps it disarmed while a dup lives) and its
-    /// number reused: MOD then fails with ENOENT and the registration falls back to ADD.
-    parked: FdSet,
+    /// How many entries of `regs` have a reader or writer (are not parked).
+    live: usize,
     /// Fds whose one-shot registration fired while another side still waits: re-armed
     /// before the next poll (EPOLLONESHOT disarms every side of the fd at once).
     fired: Vec<RawFd>,
@@ -148,8 +150,6 @@ pub struct Reactor<T> {
 /// After a peek that found nothing, this many sleeping polls go straight to sleep: an idle
 /// loop pays the extra syscall on one sleep in this many.
 const PEEK_BACKOFF: u32 = 16;
-
-type FdSet = std::collections::HashSet<RawFd, BuildHasherDefault<FdHasher>>;
 
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {
@@ -224,7 +224,7 @@ impl<T> Reactor<T> {
             epfd,
             waker,
             regs: FdMap::default(),
-            parked: FdSet::default(),
+            live: 0,
             fired: Vec::new(),
             peek_skip: 0,
         };
@@ -250,12 +250,12 @@ impl<T> Reactor<T> {
     }
 
     pub fn get(&self, fd: RawFd) -> Option<&Registration<T>> {
-        self.regs.get(&fd)
+        self.regs.get(&fd).filter(|reg| reg.sides() != 0)
     }
 
     /// True when any fd (besides the waker) is registered.
     pub fn has_registrations(&self) -> bool {
-        !self.regs.is_empty()
+        self.live != 0
     }
 
     /// Set the reader (`write == false`) or writer of `fd`, returning the one it replaces.
@@ -263,21 +263,13 @@ impl<T> Reactor<T> {
     pub fn set(&mut self, fd: RawFd, write: bool, item: T, oneshot: bool) -> io::Result<Option<T>> {
         let epfd = self.epfd;
         let Some(reg) = self.regs.get_mut(&fd) else {
-            let parked = self.parked.remove(&fd);
-            let mut reg = Registration::new(write, item, oneshot, parked);
-            return match sync(epfd, fd, &mut reg) {
-                Ok(()) => {
-                    self.regs.insert(fd, reg);
-                    Ok(None)
-                }
-                Err(e) => {
-                    if parked {
-                        self.parked.insert(fd);
-                    }
-                    Err(e)
-                }
-            };
+            let mut reg = Registration::new(write, item, oneshot);
+            sync(epfd, fd, &mut reg)?;
+            self.regs.insert(fd, reg);
+            self.live += 1;
+            return Ok(None);
         };
+        let parked = reg.sides() == 0;
         let bit = side(write);
         let (oneshot_was, spent_was) = (reg.oneshot, reg.spent);
         let old = reg.slot(write).replace(item);
@@ -288,7 +280,12 @@ impl<T> Reactor<T> {
             reg.oneshot &= !bit;
         }
         match sync(epfd, fd, reg) {
-            Ok(()) => Ok(old),
+            Ok(()) => {
+                if parked {
+                    self.live += 1;
+                }
+                Ok(old)
+            }
             Err(e) => {
                 // Leave the registration as it was.
                 *reg.slot(write) = old;
@@ -308,15 +305,17 @@ impl<T> Reactor<T> {
         reg.oneshot &= !bit;
         reg.spent &= !bit;
         if reg.sides() == 0 {
-            let reg = self.regs.remove(&fd)?;
-            if reg.in_epoll {
-                if reg.armed == 0 {
-                    // Disarmed by its one-shot event: it can report nothing, keep it.
-                    self.parked.insert(fd);
-                } else {
+            self.live -= 1;
+            if reg.in_epoll && reg.armed == 0 {
+                // Disarmed by its one-shot event: it can report nothing, keep it parked.
+                reg.oneshot = 0;
+                reg.spent = 0;
+            } else {
+                if reg.in_epoll {
                     // Errors mean the fd is already closed (so epoll forgot it).
                     let _ = ctl(self.epfd, libc::EPOLL_CTL_DEL, fd, 0);
                 }
+                self.regs.remove(&fd);
             }
         } else {
             // An error means the fd is closed: its entry is gone, like its events.
@@ -450,7 +449,7 @@ impl<T> Reactor<T> {
     /// Forget every registration and close the fds (the loop's close()).
     pub fn close(&mut self) -> Vec<Registration<T>> {
         let regs = self.regs.drain().map(|(_, r)| r).collect();
-        self.parked.clear();
+        self.live = 0;
         self.fired.clear();
         if self.epfd >= 0 {
             // SAFETY: we own both fds and mark them closed so they are closed once.
@@ -567,6 +566,8 @@ mod tests {
         // Removing it leaves the entry in epoll, disarmed.
         assert_eq!(r.unset(rd, false), Some("waiter"));
         assert!(!r.has_registrations());
+        assert!(r.get(rd).is_none());
+        assert_eq!(r.unset(rd, false), None);
         assert!(in_epoll(&r, rd));
         assert!(poll_now(&r).is_empty());
         // The next registration re-arms it (level-triggered now: every poll reports it).
