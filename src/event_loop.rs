@@ -14,6 +14,7 @@ use crate::errors::{loop_closed, os_error};
 use crate::handles::{run_handle, Handle, RunOutcome};
 use crate::py;
 use crate::reactor::{EventBuf, Reactor, Ready};
+use crate::sockets::SockReady;
 use crate::task::{self, Task};
 use crate::timers::{monotonic, monotonic_resolution, TimerHeap};
 
@@ -272,6 +273,9 @@ fn set_io<'py>(
         s.debug
     };
     let fd = py::fileobj_to_fd(fd)?;
+    // A `sock_*` wait's reader (writer) wants one event, then is removed: registered
+    // one-shot, so that its removal needs no epoll_ctl (see `reactor::Registration`).
+    let oneshot = callback.is_exact_instance_of::<SockReady>();
     // asyncio's _add_reader checks nothing about the callback.
     let pre = Prechecked {
         debug,
@@ -282,7 +286,7 @@ fn set_io<'py>(
     let old = slf
         .borrow_mut()
         .reactor
-        .set(fd, write, h.clone().unbind())
+        .set(fd, write, h.clone().unbind(), oneshot)
         .map_err(os_error)?;
     if let Some(old) = old {
         old.bind(slf.py())
@@ -307,6 +311,12 @@ fn unset_io(slf: &Bound<'_, EventLoop>, fd: &Bound<'_, PyAny>, write: bool) -> P
         }
         None => Ok(false),
     }
+}
+
+/// A `sock_*` wait's one-shot reader (writer) that was called but must wait for another
+/// event (see `set_io`).
+pub(crate) fn rearm_waiter(slf: &Bound<'_, EventLoop>, fd: i32, write: bool) {
+    slf.borrow_mut().reactor.rearm(fd, write);
 }
 
 /// `loop.call_soon(callback, *args, context=None)`: run `callback(*args)` in the next turn
@@ -565,51 +575,60 @@ fn run_once(slf: &Bound<'_, EventLoop>) -> PyResult<()> {
 /// writers (asyncio's `_process_events`).
 fn poll(slf: &Bound<'_, EventLoop>, timeout_ms: i32) -> PyResult<()> {
     let py = slf.py();
+    let peek;
     let (epfd, waker, mut buf, mut events) = {
         let mut s = slf.borrow_mut();
         if s.reactor.is_closed() {
             return Err(loop_closed());
         }
+        s.reactor.rearm_fired();
+        peek = timeout_ms == 0 || s.reactor.peek_first();
         s.sleeping = timeout_ms != 0;
         let buf = s.buf.take().unwrap_or_default();
         let events = std::mem::take(&mut s.events);
         (s.reactor.epfd(), s.reactor.waker_fd(), buf, events)
     };
     events.clear();
-    let polled = if timeout_ms == 0 {
+    // A loop about to sleep often finds events ready at once (a busy loop): looking with
+    // the GIL held first (`peek`) saves releasing and retaking it. The reactor stops
+    // peeking for a while when a peek finds nothing (an idle loop would pay a syscall).
+    let mut polled = if peek {
         Reactor::<Py<Handle>>::poll(epfd, waker, &mut buf, 0, &mut events)
     } else {
-        // Sleep without the GIL so other threads run (and may wake us).
-        py.detach(|| Reactor::<Py<Handle>>::poll(epfd, waker, &mut buf, timeout_ms, &mut events))
+        Ok(0)
     };
+    let peeked = timeout_ms != 0 && peek;
+    let peek_found = !matches!(polled, Ok(0));
+    if timeout_ms != 0 && !peek_found {
+        // Sleep without the GIL so other threads run (and may wake us).
+        polled = py
+            .detach(|| Reactor::<Py<Handle>>::poll(epfd, waker, &mut buf, timeout_ms, &mut events));
+    }
     let stale = {
         let mut s = slf.borrow_mut();
         let s = &mut *s;
         s.sleeping = false;
+        if peeked {
+            s.reactor.peeked(peek_found);
+        }
         s.buf = Some(buf);
         let mut stale = Vec::new();
         for ev in events.drain(..) {
-            let Some(reg) = s.reactor.get(ev.fd) else {
-                continue;
-            };
             let mut cancelled_reader = false;
             let mut cancelled_writer = false;
-            if ev.read {
-                if let Some(r) = &reg.reader {
-                    if r.borrow(py).cancelled {
-                        cancelled_reader = true;
-                    } else {
-                        s.ready.push_back(Job::Handle(r.clone_ref(py)));
-                    }
+            let (reader, writer) = s.reactor.fire(ev);
+            if let Some(r) = reader {
+                if r.borrow(py).cancelled {
+                    cancelled_reader = true;
+                } else {
+                    s.ready.push_back(Job::Handle(r.clone_ref(py)));
                 }
             }
-            if ev.write {
-                if let Some(w) = &reg.writer {
-                    if w.borrow(py).cancelled {
-                        cancelled_writer = true;
-                    } else {
-                        s.ready.push_back(Job::Handle(w.clone_ref(py)));
-                    }
+            if let Some(w) = writer {
+                if w.borrow(py).cancelled {
+                    cancelled_writer = true;
+                } else {
+                    s.ready.push_back(Job::Handle(w.clone_ref(py)));
                 }
             }
             if cancelled_reader {
@@ -624,7 +643,7 @@ fn poll(slf: &Bound<'_, EventLoop>, timeout_ms: i32) -> PyResult<()> {
     };
     drop(stale);
     match polled {
-        Ok(()) => Ok(()),
+        Ok(_) => Ok(()),
         // A signal arrived: run Python's handlers (KeyboardInterrupt surfaces here).
         Err(e) if e.raw_os_error() == Some(libc::EINTR) => py.check_signals(),
         Err(e) => Err(os_error(e)),
