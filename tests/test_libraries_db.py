@@ -27,6 +27,7 @@ import pwd
 import random
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -48,6 +49,7 @@ try:
     import redis.backoff
     import redis.exceptions
     import redis.utils
+    import trustme
 except ImportError as exc:  # pragma: no cover - only when the test dependencies are missing
     raise ImportError(
         f"tests/test_libraries_db.py needs the libraries in {_REQUIREMENTS}: {exc}. "
@@ -156,6 +158,44 @@ def clean_shutdown(caplog):
 # The servers
 
 
+class Certificates:
+    """A throwaway CA and a server certificate for 127.0.0.1, made once per session."""
+
+    def __init__(self):
+        self.ca = trustme.CA()
+        self.server = self.ca.issue_cert(HOST, "localhost")
+
+    def write(self, directory, owner=None):
+        """Write ca.pem, server.pem (the chain) and server.key (mode 0600) into directory."""
+        paths = {}
+        for name, blob in (
+            ("ca.pem", self.ca.cert_pem),
+            ("server.pem", None),
+            ("server.key", self.server.private_key_pem),
+        ):
+            path = os.path.join(directory, name)
+            if blob is None:
+                with open(path, "wb") as f:
+                    f.writelines(pem.bytes() for pem in self.server.cert_chain_pems)
+            else:
+                blob.write_to_path(path)
+            os.chmod(path, 0o600)
+            if owner is not None:
+                os.chown(path, *owner)
+            paths[name] = path
+        return paths
+
+    def client_context(self):
+        context = ssl.create_default_context()
+        self.ca.configure_trust(context)
+        return context
+
+
+@pytest.fixture(scope="session")
+def certificates():
+    return Certificates()
+
+
 def _run_checked(cmd, what, **kwargs):
     result = subprocess.run(
         cmd, capture_output=True, text=True, timeout=SERVER_TIMEOUT, check=False, **kwargs
@@ -172,9 +212,10 @@ class PostgresServer:
     user (runuser), and the directory belongs to that user.
     """
 
-    def __init__(self, bindir, root):
+    def __init__(self, bindir, root, tls_files):
         self.bindir = bindir
         self.root = root
+        self.tls_files = tls_files
         self.data = os.path.join(root, "data")
         self.log = os.path.join(root, "postgres.log")
         self.socket_dir = root
@@ -208,6 +249,9 @@ class PostgresServer:
                 "-c synchronous_commit=off",
                 "-c full_page_writes=off",
                 "-c max_connections=200",
+                "-c ssl=on",
+                f"-c ssl_cert_file={self.tls_files['server.pem']}",
+                f"-c ssl_key_file={self.tls_files['server.key']}",
             ]
         )
         _run_checked(
@@ -223,10 +267,17 @@ class PostgresServer:
             cwd=self.root,
         )
 
-    def connect_args(self, unix=False):
-        """asyncpg.connect / create_pool keywords (a host starting with "/" is a socket dir)."""
+    def connect_args(self, unix=False, ssl=False):
+        """asyncpg.connect / create_pool keywords (a host starting with "/" is a socket dir).
+
+        TCP connections are plain unless ``ssl`` is given (asyncpg's default, "prefer",
+        would negotiate TLS with this server): the TLS tests ask for it.
+        """
         host = self.socket_dir if unix else HOST
-        return {"host": host, "port": self.port, "user": self.user, "database": "postgres"}
+        args = {"host": host, "port": self.port, "user": self.user, "database": "postgres"}
+        if not unix:
+            args["ssl"] = ssl
+        return args
 
 
 def _find_postgres():
@@ -255,13 +306,15 @@ def _version_key(path):
 
 
 @pytest.fixture(scope="session")
-def postgres():
+def postgres(certificates):
     bindir = _find_postgres()
     root = tempfile.mkdtemp(prefix="ferroloop-pg-")
+    owner = None
     if os.geteuid() == 0:
         entry = pwd.getpwnam("postgres")
-        os.chown(root, entry.pw_uid, entry.pw_gid)
-    server = PostgresServer(bindir, root)
+        owner = (entry.pw_uid, entry.pw_gid)
+        os.chown(root, *owner)
+    server = PostgresServer(bindir, root, certificates.write(root, owner))
     try:
         try:
             server.init()
@@ -284,10 +337,12 @@ def postgres():
 class RedisServer:
     """A throwaway Redis server: TCP on 127.0.0.1 and a Unix socket, nothing persisted."""
 
-    def __init__(self, binary, root):
+    def __init__(self, binary, root, tls_files):
         self.binary = binary
         self.root = root
+        self.tls_files = tls_files
         self.port = free_port()
+        self.tls_port = free_port()
         self.unix_socket = os.path.join(root, "redis.sock")
         self.log = os.path.join(root, "redis.log")
         self.process = None
@@ -304,6 +359,11 @@ class RedisServer:
             "--dir", self.root,
             "--logfile", self.log,
             "--daemonize", "no",
+            "--tls-port", str(self.tls_port),
+            "--tls-cert-file", self.tls_files["server.pem"],
+            "--tls-key-file", self.tls_files["server.key"],
+            "--tls-ca-cert-file", self.tls_files["ca.pem"],
+            "--tls-auth-clients", "no",
         ]  # fmt: skip
         self.process = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -333,12 +393,12 @@ class RedisServer:
 
 
 @pytest.fixture(scope="session")
-def redis_server():
+def redis_server(certificates):
     binary = shutil.which("redis-server")
     if binary is None:
         unavailable("redis-server is not installed: `make test-servers` installs it")
     root = tempfile.mkdtemp(prefix="ferroloop-redis-")
-    server = RedisServer(binary, root)
+    server = RedisServer(binary, root, certificates.write(root))
     try:
         try:
             server.start()
@@ -1101,9 +1161,15 @@ NO_RETRY = {"retry": redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0)}
 RETRY = {"retry": redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 3)}
 
 
-def redis_client(server, parser="python", *, unix=False, max_connections=20, **kwargs):
-    """A client on its own blocking pool (callers queue when all connections are out)."""
-    if unix:
+def redis_client(server, parser="python", *, unix=False, tls=None, max_connections=20, **kwargs):
+    """A client on its own blocking pool (callers queue when all connections are out).
+
+    ``tls``: a CA certificate (PEM) to trust, for a TLS connection to the server's TLS port.
+    """
+    if tls is not None:
+        kwargs.update(connection_class=redis.asyncio.SSLConnection, ssl_ca_data=tls)
+        kwargs.update(host=HOST, port=server.tls_port)
+    elif unix:
         kwargs.update(connection_class=redis.asyncio.UnixDomainSocketConnection)
         kwargs.update(path=server.unix_socket)
     else:
@@ -1553,4 +1619,124 @@ def test_redis_server_restart(loop, redis_server):
         "unix 2": f"Error 2 connecting to {redis_server.unix_socket}. No such file or directory.",
         "retrying": refused,
         "after": [True] * 3,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# TLS: asyncpg's STARTTLS-like upgrade (loop.start_tls) and redis-py's TLS connections
+
+
+def test_asyncpg_over_tls(loop, postgres, certificates):
+    blob = random.Random(13).randbytes(6 * 1024 * 1024)
+    records = [(i, f"tls {i}") for i in range(20_000)]
+
+    async def main():
+        results = {}
+        context = certificates.client_context()
+        conn = await asyncpg.connect(**postgres.connect_args(ssl=context))
+        try:
+            ssl_object = conn._transport.get_extra_info("ssl_object")
+            results["tls"] = (ssl_object is not None, ssl_object.server_hostname)
+            results["server sees tls"] = await conn.fetchval(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+            )
+            results["blob"] = sha256(await conn.fetchval("SELECT $1::bytea", blob))
+            rows = await conn.fetch("SELECT g, md5(g::text) FROM generate_series(1, 50000) g")
+            results["rows"] = (len(rows), rows[-1][0])
+            table = unique("tls")
+            await conn.execute(f"CREATE TABLE {table} (id int, label text)")
+            results["copy in"] = await conn.copy_records_to_table(table, records=records)
+            out = io.BytesIO()
+            await conn.copy_from_table(table, output=out, format="csv")
+            results["copy out"] = len(out.getvalue().splitlines())
+            await conn.execute(f"DROP TABLE {table}")
+            # asyncpg's timeout sends its cancel request on a new TLS connection
+            try:
+                await conn.fetchval("SELECT pg_sleep(30) -- tls", timeout=0.1)
+            except TimeoutError as exc:
+                results["timeout"] = type(exc).__name__
+            results["after timeout"] = await conn.fetchval("SELECT 1")
+        finally:
+            await conn.close()
+
+        async with asyncpg.create_pool(
+            **postgres.connect_args(ssl=context), min_size=4, max_size=4
+        ) as pool:
+            values = await asyncio.gather(*(pool.fetchval("SELECT $1::int", n) for n in range(100)))
+            results["pool"] = values == list(range(100))
+
+        # "require": TLS without verification; a default context does not trust our CA
+        conn = await asyncpg.connect(**postgres.connect_args(ssl="require"))
+        results["require"] = conn._transport.get_extra_info("ssl_object") is not None
+        await conn.close()
+        try:
+            await asyncpg.connect(**postgres.connect_args(ssl=ssl.create_default_context()))
+        except ssl.SSLCertVerificationError as exc:
+            results["untrusted"] = (type(exc).__name__, exc.verify_code)
+        return results
+
+    assert run(loop, main()) == {
+        "tls": (True, HOST),
+        "server sees tls": True,
+        "blob": sha256(blob),
+        "rows": (50_000, 50_000),
+        "copy in": "COPY 20000",
+        "copy out": 20_000,
+        "timeout": "TimeoutError",
+        "after timeout": 1,
+        "pool": True,
+        "require": True,
+        "untrusted": ("SSLCertVerificationError", 20),  # unable to get local issuer
+    }
+
+
+def test_redis_over_tls(loop, redis_server, certificates, parser):
+    ca = certificates.ca.cert_pem.bytes().decode()
+    data = random.Random(17).randbytes(4 * 1024 * 1024)
+
+    async def main():
+        prefix = unique("tls")
+        results = {}
+        async with redis_client(redis_server, parser, tls=ca, max_connections=10) as client:
+            results["echo"] = await asyncio.gather(*(client.echo(str(n)) for n in range(100)))
+            await client.set(prefix, data)
+            results["big"] = sha256(await client.get(prefix))
+            async with client.pipeline(transaction=True) as pipe:
+                for n in range(500):
+                    pipe.incr(f"{prefix}:n")
+                results["pipeline"] = (await pipe.execute())[-1]
+            sub = client.pubsub()
+            await sub.subscribe(f"{prefix}:chan")
+            await sub.get_message(timeout=WATCHDOG)  # the subscribe confirmation
+            for n in range(20):
+                await client.publish(f"{prefix}:chan", f"m{n}")
+            got = []
+            while len(got) < 20:
+                message = await sub.get_message(ignore_subscribe_messages=True, timeout=WATCHDOG)
+                if message is not None:
+                    got.append(message["data"])
+            results["pubsub"] = got
+            await sub.aclose()
+            try:
+                await asyncio.wait_for(client.blpop([f"{prefix}:empty"], 0), 0.05)
+            except TimeoutError:
+                results["cancelled"] = True
+            results["after"] = await client.ping()
+            await client.delete(prefix, f"{prefix}:n")
+        other_ca = trustme.CA().cert_pem.bytes().decode()
+        async with redis_client(redis_server, parser, tls=other_ca, **NO_RETRY) as untrusted:
+            try:
+                await untrusted.ping()
+            except redis.exceptions.ConnectionError as exc:
+                results["untrusted"] = "certificate verify failed" in str(exc)
+        return results
+
+    assert run(loop, main()) == {
+        "echo": [str(n).encode() for n in range(100)],
+        "big": sha256(data),
+        "pipeline": 500,
+        "pubsub": [f"m{n}".encode() for n in range(20)],
+        "cancelled": True,
+        "after": True,
+        "untrusted": True,
     }
