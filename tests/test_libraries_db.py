@@ -249,6 +249,8 @@ class PostgresServer:
                 "-c synchronous_commit=off",
                 "-c full_page_writes=off",
                 "-c max_connections=200",
+                # a backend notices its client went away even mid-query (pg_sleep)
+                "-c client_connection_check_interval=100",
                 "-c ssl=on",
                 f"-c ssl_cert_file={self.tls_files['server.pem']}",
                 f"-c ssl_key_file={self.tls_files['server.key']}",
@@ -1740,3 +1742,175 @@ def test_redis_over_tls(loop, redis_server, certificates, parser):
         "after": True,
         "untrusted": True,
     }
+
+
+# ---------------------------------------------------------------------------------------
+# Back-pressure and shutdown paths
+
+
+def test_asyncpg_copy_with_backpressure(loop, postgres):
+    # 32 MiB each way: COPY IN fills the transport's write buffer (asyncpg waits for
+    # resume_writing), COPY OUT into a slow consumer makes asyncpg pause reading.
+    line = "x" * 1000
+    lines_per_chunk = 1024
+    chunks = 32
+
+    def chunk(k):
+        first = k * lines_per_chunk
+        return "".join(f"{n},{line}\n" for n in range(first, first + lines_per_chunk)).encode()
+
+    expected = hashlib.sha256()
+    for k in range(chunks):
+        expected.update(chunk(k))
+
+    async def main():
+        table = unique("backpressure")
+        conn = await asyncpg.connect(**postgres.connect_args())
+        try:
+            await conn.execute(f"CREATE TABLE {table} (id int, line text)")
+
+            async def source():
+                for k in range(chunks):
+                    yield chunk(k)
+
+            copied_in = await conn.copy_to_table(table, source=source(), format="csv")
+            received = hashlib.sha256()
+            pieces = 0
+
+            async def slow_sink(data):
+                nonlocal pieces
+                received.update(data)
+                pieces += 1
+                for _ in range(5):
+                    await asyncio.sleep(0)
+
+            copied_out = await conn.copy_from_query(
+                f"SELECT id, line FROM {table} ORDER BY id", output=slow_sink, format="csv"
+            )
+            # a cursor read slowly, with another query on another connection in between
+            other = await asyncpg.connect(**postgres.connect_args(unix=True))
+            total = 0
+            async with conn.transaction():
+                async for record in conn.cursor(f"SELECT id FROM {table}", prefetch=2000):
+                    total += record["id"]
+                    if record["id"] % 4096 == 0:
+                        total -= await other.fetchval("SELECT $1::int", record["id"])
+            await other.close()
+            await conn.execute(f"DROP TABLE {table}")
+        finally:
+            await conn.close()
+        return copied_in, copied_out, received.hexdigest(), pieces, total
+
+    copied_in, copied_out, received, pieces, total = run(loop, main())
+    rows = chunks * lines_per_chunk
+    assert copied_in == copied_out == f"COPY {rows}"
+    assert received == expected.hexdigest()
+    assert pieces > 1
+    assert total == sum(range(rows)) - sum(range(0, rows, 4096))
+
+
+def test_asyncpg_pool_close_terminate_and_connection_terminate(loop, postgres):
+    async def main():
+        results = {}
+        watcher = await asyncpg.connect(**postgres.connect_args())
+
+        # Pool.close() waits for the connections out to come back
+        pool = await asyncpg.create_pool(**postgres.connect_args(), min_size=2, max_size=2)
+        finished = []
+
+        async def slow(n):
+            async with pool.acquire() as conn:
+                await conn.execute(f"SELECT pg_sleep(0.05) -- close {n}")
+                finished.append(n)
+
+        tasks = [asyncio.create_task(slow(n)) for n in range(2)]
+        await wait_until(
+            lambda: watcher.fetchval(
+                "SELECT count(*) = 2 FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+                " AND query LIKE '%-- close %'"
+            )
+        )
+        await pool.close()
+        await asyncio.gather(*tasks)
+        results["close waited"] = sorted(finished)
+        try:
+            await pool.fetchval("SELECT 1")
+        except asyncpg.InterfaceError as exc:
+            results["closed pool"] = str(exc)
+
+        # Pool.terminate() drops the connections at once: the queries fail
+        pool = await asyncpg.create_pool(**postgres.connect_args(), min_size=2, max_size=2)
+        tasks = [
+            asyncio.create_task(pool.fetchval(f"SELECT pg_sleep(30) -- terminate {n}"))
+            for n in range(2)
+        ]
+        await wait_until(
+            lambda: watcher.fetchval(
+                "SELECT count(*) = 2 FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+                " AND state = 'active' AND query LIKE '%-- terminate %'"
+            )
+        )
+        pool.terminate()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        results["terminated pool"] = sorted(type(o).__name__ for o in outcomes)
+
+        # Connection.terminate() mid-query, on a single connection
+        conn = await asyncpg.connect(**postgres.connect_args(unix=True))
+        task = asyncio.create_task(conn.fetchval("SELECT pg_sleep(30) -- conn terminate"))
+        await wait_until(lambda: backend_running(watcher, conn.get_server_pid(), "conn term"))
+        conn.terminate()
+        try:
+            await task
+        except asyncpg.ConnectionDoesNotExistError as exc:
+            results["terminated connection"] = type(exc).__name__
+        results["is closed"] = conn.is_closed()
+
+        # the server ends those backends once it notices: nothing left running
+        await wait_until(lambda: no_backend_running(watcher, "pg_sleep(30)"))
+        await watcher.close()
+        return results
+
+    assert run(loop, main()) == {
+        "close waited": [0, 1],
+        "closed pool": "pool is closed",
+        "terminated pool": ["ConnectionDoesNotExistError"] * 2,
+        "terminated connection": "ConnectionDoesNotExistError",
+        "is closed": True,
+    }
+
+
+def test_redis_big_pipeline_and_many_clients(loop, redis_server, parser):
+    async def main():
+        prefix = unique("bigpipe")
+        async with redis_client(redis_server, parser) as client:
+            async with client.pipeline(transaction=False) as pipe:
+                for n in range(20_000):
+                    pipe.set(f"{prefix}:{n}", n)
+                sets = await pipe.execute()
+            async with client.pipeline(transaction=False) as pipe:
+                for n in range(20_000):
+                    pipe.get(f"{prefix}:{n}")
+                gets = await pipe.execute()
+
+            # 50 separate clients (each its own pool and connection) at once
+            async def one(n):
+                async with redis_client(redis_server, parser, max_connections=1) as own:
+                    return await own.incr(f"{prefix}:clients")
+
+            counts = await asyncio.gather(*(one(n) for n in range(50)))
+            deleted = 0
+            keys = []
+            async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+                keys.append(key)
+                if len(keys) == 5000:
+                    deleted += await client.unlink(*keys)
+                    keys = []
+            if keys:
+                deleted += await client.unlink(*keys)
+        return sets.count(True), gets == [str(n).encode() for n in range(20_000)], counts, deleted
+
+    sets, gets_ok, counts, deleted = run(loop, main())
+    assert sets == 20_000
+    assert gets_ok
+    assert sorted(counts) == list(range(1, 51))
+    assert deleted == 20_001
