@@ -3,10 +3,11 @@
 Each test runs the same program on asyncio's loop and on ferroloop (the ``loop`` fixture), so
 one that passes on "asyncio" and fails on "ferroloop" is a ferroloop bug. The servers, a
 PostgreSQL cluster and a Redis server, are started once per test session in a temporary
-directory (TCP on 127.0.0.1 and a Unix socket each) and stopped at the end. Every test also
-checks that its program shut down cleanly: no ResourceWarning or other warning, no error
-logged by asyncio ("Task was destroyed but it is pending!", unclosed transports, exceptions
-nobody retrieved) and no file descriptor left open. Nothing is timed.
+directory (TCP on 127.0.0.1, TLS with a throwaway CA's certificate, and a Unix socket each)
+and stopped at the end; two tests restart them. Every test also checks that its program
+shut down cleanly: no ResourceWarning or other warning, no error logged by asyncio ("Task
+was destroyed but it is pending!", unclosed transports, exceptions nobody retrieved) and no
+file descriptor left open. Nothing is timed.
 
 The libraries come from tests/requirements-libraries.txt; a missing one fails this module.
 A missing server binary skips the tests that need it, with the reason, except under CI
@@ -1927,3 +1928,54 @@ def test_redis_big_pipeline_and_many_clients(loop, redis_server, parser):
     assert gets_ok
     assert sorted(counts) == list(range(1, 51))
     assert deleted == 20_001
+
+
+# ---------------------------------------------------------------------------------------
+# A server that accepts connections (the kernel's backlog) and never answers
+
+
+@pytest.fixture
+def silent_port():
+    with socket.socket() as listener:
+        listener.bind((HOST, 0))
+        listener.listen(16)
+        yield listener.getsockname()[1]
+
+
+def test_asyncpg_connect_timeout_on_a_silent_server(loop, silent_port):
+    async def main():
+        outcomes = []
+        for _ in range(3):
+            try:
+                await asyncpg.connect(
+                    host=HOST, port=silent_port, user="postgres", ssl=False, timeout=0.1
+                )
+            except TimeoutError as exc:
+                outcomes.append(type(exc).__name__)
+        return outcomes
+
+    assert run(loop, main()) == ["TimeoutError"] * 3
+
+
+def test_redis_connect_on_a_silent_server(loop, silent_port, parser):
+    async def main():
+        outcomes = []
+        client = redis.asyncio.Redis.from_pool(
+            redis.asyncio.ConnectionPool(
+                host=HOST,
+                port=silent_port,
+                socket_timeout=0.1,
+                parser_class=redis_parser(parser),
+                **NO_RETRY,
+            )
+        )
+        async with client:
+            for _ in range(3):
+                try:
+                    await client.ping()
+                except redis.exceptions.TimeoutError as exc:
+                    outcomes.append(str(exc))
+        return outcomes
+
+    # redis-py connects, then times out reading the answer to its HELLO
+    assert run(loop, main()) == [f"Timeout reading from {HOST}:{silent_port}"] * 3
