@@ -935,7 +935,7 @@ def test_asyncpg_connection_killed_by_pg_terminate_backend(loop, postgres):
             **postgres.connect_args(), min_size=3, max_size=3, connection_class=TrackedConnection
         ) as pool:
 
-            async def pids():  # 10 queries at once use all three connections
+            async def pids():  # 10 queries at once: on a fresh pool, all three connections
                 query = "SELECT pg_backend_pid() FROM pg_sleep(0.01)"
                 return set(await asyncio.gather(*(pool.fetchval(query) for _ in range(10))))
 
@@ -944,7 +944,9 @@ def test_asyncpg_connection_killed_by_pg_terminate_backend(loop, postgres):
             await killer.fetch("SELECT pg_terminate_backend(p) FROM unnest($1::int[]) p", old)
             await wait_until(lambda: all(conn.is_closed() for conn in victims))
             new = await pids()
-            results["pool"] = (len(old), len(new), bool(old & new))
+            # asyncpg (0.32+) also reconnects closed holders in the background to keep
+            # min_size, so how many of the three the next queries use depends on timing
+            results["pool"] = (len(old), 1 <= len(new) <= 3, bool(old & new))
         TrackedConnection.instances.clear()
         await killer.close()
         results["terminated listener"] = terminated
@@ -955,7 +957,7 @@ def test_asyncpg_connection_killed_by_pg_terminate_backend(loop, postgres):
         "terminate idle": True,
         "query on killed": ("InterfaceError", "connection is closed"),
         "mid-query": ("ConnectionDoesNotExistError", "08003"),
-        "pool": (3, 3, False),
+        "pool": (3, True, False),
         "terminated listener": [True],
     }
 
