@@ -8,7 +8,7 @@ PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
 EXTRA_PYTHONS ?= 3.12 3.13
 
 .PHONY: help install build-dev lint fmt test test-rust test-parity test-parity-extra \
-        test-conformance test-conformance-extra test-extra bench bench-net demo clean
+        test-conformance test-conformance-extra test-extra test-servers bench bench-net demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-24s %s\n", $$1, $$2}'
@@ -23,6 +23,23 @@ $(VPY):
 $(VENV)/.test-deps: tests/requirements-libraries.txt | $(VPY)
 	$(VPY) -m pip install -q -r tests/requirements-libraries.txt
 	touch $@
+
+# The servers tests/test_libraries_db.py starts (PostgreSQL, Redis), installed from Debian when
+# missing. Without root or apt-get it only says so (those tests then skip), except under CI.
+test-servers:  ## install the PostgreSQL and Redis servers the database tests start (Debian)
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+	  || missing="$$missing postgresql"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "test-servers:$$missing not installed (apt-get as root installs them):" \
+	       "the database tests will skip"; \
+	  [ -z "$$CI" ] || exit 1; exit 0; \
+	fi; \
+	echo "test-servers: installing$$missing"; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends $$missing >/dev/null
 
 install: $(VPY)  ## create .venv with maturin, pytest, ruff
 
@@ -42,7 +59,7 @@ fmt: install  ## format Rust and Python sources
 test-rust:  ## Rust unit tests
 	cargo test -q --lib
 
-test-parity: build-dev $(VENV)/.test-deps  ## behaviour tests, each on asyncio and on ferroloop
+test-parity: build-dev $(VENV)/.test-deps test-servers  ## behaviour tests, each on asyncio and on ferroloop
 	$(VPY) -m pytest -q -p no:cacheprovider tests --ignore=tests/conformance
 
 test-conformance: build-dev  ## CPython's test_asyncio against ferroloop (main Python)
