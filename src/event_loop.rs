@@ -76,6 +76,11 @@ impl EventLoop {
         self.debug
     }
 
+    /// The program replaced `loop.time` (on the instance, or in a subclass).
+    fn python_clock(&self) -> bool {
+        self.class_clock || self.time_override.is_some()
+    }
+
     pub fn check_open(&self) -> PyResult<()> {
         self.check_closed()
     }
@@ -477,16 +482,16 @@ pub fn call_at<'py>(
     schedule_at(slf, when, callback, args, context, "call_at")
 }
 
-/// The loop's clock: `time.monotonic()`, unless the program replaced `loop.time` (on the
-/// instance, or in a subclass); then `self.time()`, as asyncio reads it everywhere.
+/// `self.time()`, the replaced clock.
+fn call_time(slf: &Bound<'_, EventLoop>) -> PyResult<f64> {
+    slf.call_method0(intern!(slf.py(), "time"))?.extract()
+}
+
+/// The loop's clock: `time.monotonic()`, unless the program replaced `loop.time`; then
+/// `self.time()`, as asyncio reads it everywhere.
 pub fn clock(slf: &Bound<'_, EventLoop>) -> PyResult<f64> {
-    let python = {
-        let s = slf.borrow();
-        s.class_clock || s.time_override.is_some()
-    };
-    if python {
-        let py = slf.py();
-        slf.call_method0(intern!(py, "time"))?.extract()
+    if slf.borrow().python_clock() {
+        call_time(slf)
     } else {
         Ok(monotonic())
     }
@@ -495,14 +500,11 @@ pub fn clock(slf: &Bound<'_, EventLoop>) -> PyResult<f64> {
 /// `self.time()` when the program replaced the clock and timers are scheduled (the turn
 /// reads the clock only then); None means: read `time.monotonic()` inline.
 fn python_clock_now(slf: &Bound<'_, EventLoop>) -> PyResult<Option<f64>> {
-    {
+    let wanted = {
         let s = slf.borrow();
-        if !(s.class_clock || s.time_override.is_some()) || s.timers.is_empty() {
-            return Ok(None);
-        }
-    }
-    let py = slf.py();
-    Ok(Some(slf.call_method0(intern!(py, "time"))?.extract()?))
+        s.python_clock() && !s.timers.is_empty()
+    };
+    wanted.then(|| call_time(slf)).transpose()
 }
 
 /// One loop turn (asyncio's `_run_once`): poll, collect ready I/O and due timers, then run

@@ -461,9 +461,7 @@ impl<T> Reactor<T> {
 
     /// Forget every registration and close the fds (the loop's close()).
     pub fn close(&mut self) -> Vec<Registration<T>> {
-        let regs = self.regs.drain().map(|(_, r)| r).collect();
-        self.live = 0;
-        self.fired.clear();
+        let regs = self.forget();
         if self.epfd >= 0 {
             // SAFETY: we own both fds and mark them closed so they are closed once.
             unsafe {

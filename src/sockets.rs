@@ -37,7 +37,7 @@ use pyo3::PyTraverseError;
 
 use crate::errors::os_error;
 use crate::event_loop::{self, EventLoop};
-use crate::transports::{self, ByteView};
+use crate::transports::{self, is_exit, ByteView};
 
 mod ipaddr;
 mod sendfile;
@@ -926,7 +926,7 @@ fn new_coro<'py, const N: usize>(
 ) -> PyResult<SockCoro> {
     let py = loop_.py();
     let debug = loop_
-        .cast::<crate::event_loop::EventLoop>()
+        .cast::<EventLoop>()
         .is_ok_and(|l| l.try_borrow().is_ok_and(|l| l.is_debug()));
     Ok(SockCoro {
         kind,
@@ -965,12 +965,6 @@ fn coro_origin(py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
         frame = frame.getattr(intern!(py, "f_back"))?;
     }
     Ok(Some(PyTuple::new(py, frames)?.into_any().unbind()))
-}
-
-/// SystemExit and KeyboardInterrupt propagate out of a callback (asyncio re-raises them).
-pub(crate) fn is_exit(py: Python<'_>, e: &PyErr) -> bool {
-    e.is_instance_of::<pyo3::exceptions::PySystemExit>(py)
-        || e.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py)
 }
 
 /// `loop.sock_recv(sock, n)`: receive up to n bytes from the socket.

@@ -105,6 +105,14 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def log_tail(path):
+    """The end of a server's log file ("" when it wrote none), for a start-up failure."""
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        return f.read()[-2000:]
+
+
 def unavailable(reason):
     """A server cannot run here: skip, but fail under CI, which must run these tests."""
     if IN_CI:
@@ -323,11 +331,7 @@ def postgres(certificates):
             server.init()
             server.start()
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-            log = ""
-            if os.path.exists(server.log):
-                with open(server.log) as f:
-                    log = f.read()[-2000:]
-            unavailable(f"PostgreSQL did not start: {exc}\n{log}")
+            unavailable(f"PostgreSQL did not start: {exc}\n{log_tail(server.log)}")
         yield server
     finally:
         try:
@@ -406,11 +410,7 @@ def redis_server(certificates):
         try:
             server.start()
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-            log = ""
-            if os.path.exists(server.log):
-                with open(server.log) as f:
-                    log = f.read()[-2000:]
-            unavailable(f"Redis did not start: {exc}\n{log}")
+            unavailable(f"Redis did not start: {exc}\n{log_tail(server.log)}")
         yield server
     finally:
         server.stop()

@@ -27,8 +27,9 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::PyTuple;
 use pyo3::PyTraverseError;
 
-use super::{add_method, ensure_fd_no_transport, is_exit};
+use super::{add_method, ensure_fd_no_transport};
 use crate::errors::os_error;
+use crate::transports::is_exit;
 
 /// sendfile(2) calls per writable event when each one sends something: enough to reach EOF
 /// (a call returning 0) without another wait, few enough that a peer reading as fast as
